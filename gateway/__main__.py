@@ -1,0 +1,117 @@
+"""Command line: gateway serve | check | keygen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__, config
+from .errors import ConfigError
+from .mint import ALGORITHMS, generate_key, public_jwk
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="Trusted-publishing federation gateway.")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the gateway with uvicorn")
+    _config_argument(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    check = commands.add_parser("check", help="validate issuers.toml and the publishers file")
+    _config_argument(check)
+
+    keygen = commands.add_parser("keygen", help="write a new private signing JWK")
+    keygen.add_argument("--out", type=Path, help="file to write (mode 0600); default: standard output")
+    keygen.add_argument("--alg", choices=ALGORITHMS, default="ES256", help="default ES256")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check":
+        return _check(args)
+    return _keygen(args)
+
+
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help=f"path to issuers.toml (default: $GATEWAY_CONFIG, else ./{config.DEFAULT_CONFIG})"
+    )
+
+
+def _load(args: argparse.Namespace) -> config.Settings | None:
+    path = config.config_path(args.config)
+    try:
+        return config.load(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    if settings is None:
+        return 1
+    print(
+        f"ok: {len(settings.issuers)} issuer(s) ({', '.join(settings.issuers)}), "
+        f"{len(settings.publishers)} publisher(s)"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _load(args)
+    if settings is None:
+        return 1
+    assert settings.config_path is not None
+    # Workers are separate processes that each load the config again; the path travels in the environment.
+    os.environ["GATEWAY_CONFIG"] = str(settings.config_path.resolve())
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        "gateway.app:from_environment",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        log_level=args.log_level,
+        # Access logs cost a third of the throughput and say nothing the metrics do not.
+        access_log=False,
+        server_header=False,
+    )
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    key = generate_key(args.alg)
+    document = json.dumps(key.as_dict(private=True, kid=key.thumbprint()), indent=2) + "\n"
+    if args.out is None:
+        sys.stdout.write(document)
+        return 0
+    try:
+        # O_EXCL: never overwrite a key in use; 0600: a signing key is a secret.
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"{args.out} exists; refusing to overwrite a signing key", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "w") as f:
+        f.write(document)
+    print(f"wrote {args.out} (kid {key.thumbprint()}, public key: {json.dumps(public_jwk(key))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

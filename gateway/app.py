@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+from joserfc.jwk import Key
+from starlette.applications import Starlette
+
+from . import config
+from .errors import GatewayError
+from .exchange import Exchange
+from .keys import Keys
+from .metrics import Metrics
+from .mint import Signer, generate_key
+from .routes import Endpoints, gateway_error
+from .store import MemoryStore, Store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: config.Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    store: Store | None = None,
+    clock: Callable[[], float] | None = None,
+    signing_key: Key | None = None,
+) -> Starlette:
+    """Build the app; every outside dependency can be passed in, and the rest comes from `settings`."""
+    clock = clock or time.time
+    key = signing_key or settings.signing_key
+    if key is None:
+        log.warning(
+            "no signing_key configured: using an ephemeral key; minted tokens stop verifying on restart "
+            "and replicas disagree (make one with `gateway keygen`)"
+        )
+        key = generate_key()
+    if store is None:
+        store = _default_store(settings, clock)
+    keys = Keys(
+        settings.issuers,
+        clock=clock,
+        transport=transport,
+        ttl=settings.keys_ttl,
+        cooldown=settings.refresh_cooldown,
+        max_age=settings.keys_max_age,
+        timeout=settings.fetch_timeout,
+        max_bytes=settings.fetch_max_bytes,
+    )
+    exchange = Exchange(
+        settings, keys=keys, store=store, signer=Signer(key, settings.previous_signing_keys), clock=clock
+    )
+    endpoints = Endpoints(exchange, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            endpoints.shutting_down = True
+            await keys.aclose()
+            await exchange.store.aclose()
+
+    app = Starlette(
+        routes=endpoints.routes(),
+        exception_handlers={GatewayError: gateway_error},
+        lifespan=lifespan,
+    )
+    app.state.exchange = exchange
+    app.state.endpoints = endpoints
+    return app
+
+
+def _default_store(settings: config.Settings, clock: Callable[[], float]) -> Store:
+    if settings.redis_url is None:
+        return MemoryStore(clock)
+    from .redis import RedisStore
+
+    return RedisStore.from_url(settings.redis_url, clock=clock, fallback=settings.replay_fallback)
+
+
+def from_environment() -> Starlette:
+    """The uvicorn factory: `gateway serve` passes the config path through $GATEWAY_CONFIG to each worker."""
+    return create_app(config.load(config.config_path(None, os.environ)))

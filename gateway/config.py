@@ -1,0 +1,428 @@
+"""Settings: load -> parse -> validate, and the only module that reads files or the environment.
+
+Every problem is collected (not just the first) and named by file, table and field, so an operator fixes a
+config in one pass. A config with any problem is refused whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, Key, OKPKey, import_key
+
+from .errors import ConfigError
+from .issuers import KINDS
+from .publishers import Publisher, normalize_project, under_namespaces
+
+DEFAULT_CONFIG = "issuers.toml"
+
+# Algorithms an issuer may list. Symmetric ones and `none` can never be listed: an HMAC "key" taken from a
+# public JWKS is public, so anyone could sign with it.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519"}
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_PROJECT = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    name: str
+    url: str
+    kind: str
+    namespaces: tuple[str, ...] = ()
+    ca_bundle: Path | None = None
+    algorithms: tuple[str, ...] = ("RS256",)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    audience: str
+    url: str
+    issuers: Mapping[str, Issuer]
+    publishers: tuple[Publisher, ...] = ()
+    signing_key: Key | None = None
+    previous_signing_keys: tuple[Key, ...] = ()
+    token_ttl: int = 900
+    leeway: int = 30
+    redis_url: str | None = None
+    replay_fallback: bool = False
+    max_body: int = 16 * 1024
+    fetch_timeout: float = 5.0
+    fetch_max_bytes: int = 256 * 1024
+    keys_ttl: int = 300
+    refresh_cooldown: int = 60
+    keys_max_age: int = 24 * 3600
+    config_path: Path | None = field(default=None, compare=False)
+    by_url: Mapping[str, Issuer] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_url", {issuer.url: issuer for issuer in self.issuers.values()})
+
+
+def config_path(cli_value: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    return Path(cli_value or environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
+
+
+def load(path: Path | str, environ: Mapping[str, str] = os.environ) -> Settings:
+    path = Path(path)
+    problems = _Problems()
+    raw = _read_toml(path, problems)
+    if raw is None:
+        raise ConfigError(problems.lines)
+    settings = _validate(raw, path, environ, problems)
+    if problems.lines or settings is None:
+        raise ConfigError(problems.lines)
+    return settings
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, file: Path, where: str, message: str) -> None:
+        self.lines.append(f"{file.name}: {where}: {message}")
+
+
+def _read_toml(path: Path, problems: _Problems) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        problems.add(path, "file", f"not found at {path}")
+    except OSError as e:
+        problems.add(path, "file", f"cannot be read: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        problems.add(path, "file", f"is not valid TOML: {e}")
+    return None
+
+
+class _Table:
+    """Typed access to one TOML table that records problems instead of raising, and flags unknown keys."""
+
+    def __init__(self, data: Mapping[str, Any], file: Path, where: str, problems: _Problems) -> None:
+        self.data = data
+        self.file = file
+        self.where = where
+        self.problems = problems
+        self.seen: set[str] = set()
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.add(self.file, f"{self.where} {key}", message)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, *, required: bool = False) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if required:
+                self.problem(key, "is required")
+            return default
+        value = self.data[key]
+        # bool is an int in Python; a `true` where a number belongs is a typo, not a 1.
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+            self.problem(key, f"must be {_type_name(kind)} (got {type(value).__name__})")
+            return default
+        return value
+
+    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
+        value = self.get(key, str, default, required=required)
+        if isinstance(value, str) and not value.strip():
+            self.problem(key, "must not be empty")
+            return default
+        return value  # type: ignore[no-any-return]
+
+    def number(self, key: str, default: float, *, minimum: float, integer: bool = True) -> Any:
+        value = self.get(key, int if integer else (int, float), default)
+        if value < minimum:
+            self.problem(key, f"must be at least {minimum} (got {value})")
+            return default
+        return value
+
+    def strings(self, key: str) -> tuple[str, ...] | None:
+        value = self.get(key, list)
+        if value is None:
+            return None
+        if not all(isinstance(item, str) and item for item in value):
+            self.problem(key, "must be a list of non-empty strings")
+            return None
+        return tuple(value)
+
+    def finish(self) -> None:
+        for key in sorted(set(self.data) - self.seen):
+            self.problem(key, "unknown key")
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def _validate(
+    raw: Mapping[str, Any], path: Path, environ: Mapping[str, str], problems: _Problems
+) -> Settings | None:
+    base = path.parent
+    for key in sorted(set(raw) - {"gateway", "issuers"}):
+        problems.add(path, f"[{key}]", "unknown table")
+    if not isinstance(raw.get("gateway"), dict):
+        problems.add(path, "[gateway]", "table is missing")
+        return None
+    if not isinstance(raw.get("issuers"), dict) or not raw["issuers"]:
+        problems.add(path, "[issuers]", "table is missing or has no issuers")
+        return None
+
+    t = _Table(raw["gateway"], path, "[gateway]", problems)
+    audience = t.string("audience", required=True)
+    url = t.string("url", required=True)
+    if url is not None and not _is_base_url(url, schemes=("https", "http")):
+        t.problem("url", f"must be an http(s) URL with no query or fragment (got {url!r})")
+    publishers_file = t.string("publishers", "publishers.toml")
+    signing_key_file = t.string("signing_key")
+    previous_files = t.strings("previous_signing_keys") or ()
+    token_ttl = t.number("token_ttl", 900, minimum=60)
+    leeway = t.number("leeway", 30, minimum=0)
+    redis_url = environ.get("GATEWAY_REDIS_URL") or t.string("redis_url")
+    if "redis_url" in t.data and "GATEWAY_REDIS_URL" in environ:
+        t.seen.add("redis_url")
+    if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        t.problem("redis_url", "must be a redis://, rediss:// or unix:// URL")
+    replay_fallback = t.get("replay_fallback", bool, False)
+    max_body = t.number("max_body", 16 * 1024, minimum=1024)
+    fetch_timeout = t.number("fetch_timeout", 5.0, minimum=0.1, integer=False)
+    fetch_max_bytes = t.number("fetch_max_bytes", 256 * 1024, minimum=1024)
+    keys_ttl = t.number("keys_ttl", 300, minimum=1)
+    refresh_cooldown = t.number("refresh_cooldown", 60, minimum=1)
+    keys_max_age = t.number("keys_max_age", 24 * 3600, minimum=1)
+    t.finish()
+
+    issuers = _issuers(raw["issuers"], path, problems)
+
+    signing_key = None
+    if signing_key_file is not None:
+        signing_key = _signing_key(base / signing_key_file, path, "[gateway] signing_key", problems)
+    previous = tuple(
+        key
+        for key in (
+            _signing_key(base / name, path, "[gateway] previous_signing_keys", problems, private=False)
+            for name in previous_files
+        )
+        if key is not None
+    )
+
+    publishers: tuple[Publisher, ...] = ()
+    if publishers_file is not None:
+        publishers = _publishers(base / publishers_file, issuers, problems)
+
+    if audience is None or url is None:
+        return None
+    return Settings(
+        audience=audience,
+        url=url.rstrip("/"),
+        issuers=issuers,
+        publishers=publishers,
+        signing_key=signing_key,
+        previous_signing_keys=previous,
+        token_ttl=token_ttl,
+        leeway=leeway,
+        redis_url=redis_url,
+        replay_fallback=replay_fallback,
+        max_body=max_body,
+        fetch_timeout=float(fetch_timeout),
+        fetch_max_bytes=fetch_max_bytes,
+        keys_ttl=keys_ttl,
+        refresh_cooldown=refresh_cooldown,
+        keys_max_age=keys_max_age,
+        config_path=path,
+    )
+
+
+def _is_base_url(url: str, schemes: Iterable[str]) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises on a malformed port
+    except ValueError:
+        return False
+    return (
+        parts.scheme in schemes
+        and bool(parts.hostname)
+        and not parts.query
+        and not parts.fragment
+        and "#" not in url
+        and "?" not in url
+        and parts.username is None
+        and url.isascii()
+        and not any(c.isspace() for c in url)
+    )
+
+
+def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[str, Issuer]:
+    issuers: dict[str, Issuer] = {}
+    urls: dict[str, str] = {}
+    for name, table in raw.items():
+        where = f"[issuers.{name}]"
+        if not _NAME.match(name):
+            problems.add(path, where, "name must be letters, digits, '-' or '_' (at most 64)")
+        if not isinstance(table, dict):
+            problems.add(path, where, "must be a table")
+            continue
+        t = _Table(table, path, where, problems)
+        url = t.string("url", required=True)
+        kind = t.string("kind", required=True)
+        namespaces = t.strings("namespaces") or ()
+        ca_file = t.string("ca_bundle")
+        algorithms = t.strings("algorithms") or ("RS256",)
+        t.finish()
+        if url is not None:
+            if not _is_base_url(url, schemes=("https",)):
+                t.problem("url", f"must be an https URL with no query or fragment (got {url!r})")
+            elif url in urls:
+                t.problem("url", f"duplicates the url of [issuers.{urls[url]}]")
+            urls.setdefault(url, name)
+        if kind is not None and kind not in KINDS:
+            t.problem("kind", f"must be one of {', '.join(sorted(KINDS))} (got {kind!r})")
+        for namespace in namespaces:
+            if namespace.startswith("/") or namespace.endswith("/") or "//" in namespace:
+                t.problem("namespaces", f"{namespace!r} must be a path without leading or trailing '/'")
+        for algorithm in algorithms:
+            if algorithm not in ASYMMETRIC_ALGORITHMS:
+                t.problem(
+                    "algorithms",
+                    f"{algorithm!r} is not allowed; choose from {', '.join(sorted(ASYMMETRIC_ALGORITHMS))}",
+                )
+        ca_bundle = None
+        if ca_file is not None:
+            ca_bundle = path.parent / ca_file
+            if not _is_pem_certificates(ca_bundle):
+                t.problem("ca_bundle", f"{ca_bundle} is not a readable PEM certificate file")
+        if url is not None and kind is not None:
+            issuers[name] = Issuer(
+                name=name,
+                url=url,
+                kind=kind,
+                namespaces=namespaces,
+                ca_bundle=ca_bundle,
+                algorithms=algorithms,
+            )
+    return issuers
+
+
+def _is_pem_certificates(path: Path) -> bool:
+    try:
+        return b"-----BEGIN CERTIFICATE-----" in path.read_bytes()
+    except OSError:
+        return False
+
+
+def _signing_key(file: Path, path: Path, where: str, problems: _Problems, *, private: bool = True) -> Key | None:
+    def fail(message: str) -> None:
+        problems.add(path, where, f"{file}: {message}")
+
+    try:
+        data = json.loads(file.read_text("utf-8"))
+        key = import_key(data)
+    except OSError as e:
+        fail(f"cannot be read: {e.strerror}")
+        return None
+    except (ValueError, JoseError, TypeError, KeyError) as e:
+        fail(f"is not a JWK: {e}")
+        return None
+    if not (
+        (isinstance(key, ECKey) and key.curve_name == "P-256")
+        or (isinstance(key, OKPKey) and key.curve_name == "Ed25519")
+    ):
+        fail("must be an EC P-256 (ES256) or OKP Ed25519 key")
+        return None
+    if private and not key.is_private:
+        fail("must be a private key (make one with `gateway keygen`)")
+        return None
+    return key
+
+
+def _publishers(file: Path, issuers: Mapping[str, Issuer], problems: _Problems) -> tuple[Publisher, ...]:
+    raw = _read_toml(file, problems)
+    if raw is None:
+        return ()
+    for key in sorted(set(raw) - {"publisher"}):
+        problems.add(file, f"[{key}]", "unknown table (publishers are [[publisher]] entries)")
+    entries = raw.get("publisher", [])
+    if not isinstance(entries, list):
+        problems.add(file, "publisher", "must be an array of tables ([[publisher]])")
+        return ()
+    publishers = []
+    for number, entry in enumerate(entries, start=1):
+        publisher = _publisher(entry, file, f"[[publisher]] #{number}", issuers, problems)
+        if publisher is not None:
+            publishers.append(publisher)
+    return tuple(publishers)
+
+
+def _publisher(
+    entry: Mapping[str, Any], file: Path, where: str, issuers: Mapping[str, Issuer], problems: _Problems
+) -> Publisher | None:
+    t = _Table(entry, file, where, problems)
+    issuer_name = t.string("issuer", required=True)
+    repository = t.string("repository", required=True)
+    workflow = t.string("workflow", required=True)
+    environment = t.string("environment")
+    owner_id = t.string("owner_id")
+    projects = t.strings("projects")
+    if projects is None and "projects" not in entry:
+        t.problem("projects", "is required")
+    t.finish()
+
+    issuer = issuers.get(issuer_name) if issuer_name else None
+    if issuer_name is not None and issuer is None:
+        t.problem("issuer", f"names no issuer in [issuers] (got {issuer_name!r})")
+    if repository is not None:
+        problem = _repository_problem(repository)
+        if problem:
+            t.problem("repository", problem)
+            repository = None
+        elif issuer is not None and issuer.namespaces and not under_namespaces(repository, issuer.namespaces):
+            t.problem(
+                "repository",
+                f"{repository!r} is outside the namespaces of [issuers.{issuer.name}] "
+                f"({', '.join(issuer.namespaces)})",
+            )
+    if workflow is not None and (workflow.startswith("/") or ".." in workflow.split("/")):
+        t.problem("workflow", "must be a path relative to the repository root")
+        workflow = None
+    for project in projects or ():
+        if not _PROJECT.match(project):
+            t.problem("projects", f"{project!r} is not a valid project name")
+            projects = None
+    if projects == ():
+        t.problem("projects", "must name at least one project")
+    if None in (issuer, repository, workflow, projects):
+        return None
+    assert issuer_name is not None and repository is not None and workflow is not None and projects
+    return Publisher(
+        issuer=issuer_name,
+        repository=repository,
+        workflow=workflow,
+        environment=environment,
+        owner_id=owner_id,
+        projects=tuple(dict.fromkeys(normalize_project(p) for p in projects)),
+    )
+
+
+def _repository_problem(repository: str) -> str | None:
+    if not repository.isascii():
+        return "must be ASCII (GitLab and GitHub paths are)"
+    segments = repository.split("/")
+    if len(segments) < 2 or not all(segments):
+        return "must be a full path like 'group/project' (no leading, trailing or double '/')"
+    return None
+

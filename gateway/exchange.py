@@ -1,0 +1,106 @@
+"""The token exchange: verify an ID token, match it to publishers, spend its jti, mint an upload token.
+
+The order is the security argument. The unverified `iss` only picks a verifier; an algorithm the issuer does
+not use is refused before any network I/O; the signature is checked before any claim is believed; the jti is
+spent only once a publisher matched (so a token refused for a fixable reason stays usable) and before minting
+(so two concurrent requests with one token cannot both mint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import Issuer, Settings
+from .errors import InvalidPayload, InvalidPublisher, ReusedToken
+from .identity import Identity
+from .issuers import KINDS
+from .jose import Verifier, VerifiedClaims, peek
+from .keys import Keys
+from .mint import Minted, Signer
+from .publishers import Match, Publishers, under_namespaces
+from .store import Store, jti_key
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    issuer: Issuer
+    claims: VerifiedClaims
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class Exchanged:
+    verified: Verified
+    match: Match
+    minted: Minted
+
+
+class Exchange:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        keys: Keys,
+        store: Store,
+        signer: Signer,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.store = store
+        self.signer = signer
+        self.clock = clock
+        self.publishers = Publishers(settings.publishers)
+        self.verifiers = {
+            name: Verifier(
+                issuer_url=issuer.url,
+                audience=settings.audience,
+                algorithms=issuer.algorithms,
+                leeway=settings.leeway,
+                clock=clock,
+            )
+            for name, issuer in settings.issuers.items()
+        }
+
+    async def verify(self, raw: str) -> Verified:
+        token = peek(raw)
+        issuer = self.settings.by_url.get(token.issuer)
+        if issuer is None:
+            # Exact match only, and no network I/O: an attacker's `iss` never becomes a URL we fetch.
+            raise InvalidPayload(f"issuer {token.issuer[:200]!r} is not trusted by this gateway")
+        verifier = self.verifiers[issuer.name]
+        verifier.check_algorithm(token)
+        key = await self.keys.key(issuer.name, token.kid)
+        claims = verifier.verify(token, key)
+        identity = KINDS[issuer.kind].identity(issuer, claims)
+        if issuer.namespaces and not under_namespaces(identity.repository, issuer.namespaces):
+            raise InvalidPublisher(
+                f"repository {identity.repository!r} is outside the namespaces this gateway trusts for issuer "
+                f"{issuer.name!r}"
+            )
+        return Verified(issuer=issuer, claims=claims, identity=identity)
+
+    def match(self, verified: Verified) -> Match:
+        kind = KINDS[verified.issuer.kind]
+        return self.publishers.match(
+            verified.identity, environment_case_sensitive=kind.environment_case_sensitive
+        )
+
+    async def exchange(self, raw: str) -> Exchanged:
+        verified = await self.verify(raw)
+        match = self.match(verified)
+        now = self.clock()
+        # Remember the jti for as long as any clock within the leeway could still accept the token.
+        ttl = max(1.0, float(verified.claims["exp"]) + self.settings.leeway - now + 1)
+        if not await self.store.spend(jti_key(verified.issuer.name, verified.claims["jti"]), ttl):
+            raise ReusedToken("this ID token was already exchanged; each ID token can be used once")
+        minted = self.signer.mint(
+            identity=verified.identity,
+            projects=match.projects,
+            issuer=self.settings.url,
+            audience=self.settings.audience,
+            ttl=self.settings.token_ttl,
+            now=now,
+        )
+        return Exchanged(verified=verified, match=match, minted=minted)

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The one shape every issuer kind's claims become; publishers are matched against this only."""
+
+    issuer: str
+    issuer_url: str
+    kind: str
+    repository: str
+    repository_id: str | None = None
+    owner: str | None = None
+    owner_id: str | None = None
+    workflow: str | None = None
+    ref: str | None = None
+    ref_type: str | None = None
+    sha: str | None = None
+    environment: str | None = None
+    trigger: str | None = None
+    run_id: str | None = None
+    actor: str | None = None
+    runner_environment: str | None = None
+    visibility: str | None = None
+    protected_ref: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,10 @@
+"""Issuer kinds: each turns one CI platform's claims into the common Identity."""
+
+from __future__ import annotations
+
+from .base import Kind
+from .gitlab import GITLAB
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (GITLAB,)}
+
+__all__ = ["KINDS", "Kind"]

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidToken
+from ..identity import Identity
+
+if TYPE_CHECKING:
+    from ..config import Issuer
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """What differs between issuer kinds: how claims become an Identity, and matching rules as data."""
+
+    name: str
+    identity: Callable[[Issuer, Mapping[str, Any]], Identity]
+    environment_case_sensitive: bool
+    known_claims: frozenset[str]
+
+
+def check_claims(
+    claims: Mapping[str, Any],
+    required: Mapping[str, type],
+    optional: Mapping[str, type],
+    nullable: Mapping[str, type] = {},  # noqa: B006 -- read only
+) -> None:
+    """Presence and JSON types of a kind's claims; strings stay strings (no `123` for `"123"`)."""
+    missing = [name for name in required if claims.get(name) is None]
+    if missing:
+        raise InvalidToken(f"token is missing required claim(s): {', '.join(missing)}")
+    for table, allow_null in ((required, False), (optional, True), (nullable, True)):
+        for name, kind in table.items():
+            value = claims.get(name)
+            if value is None and allow_null:
+                continue
+            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                raise InvalidToken(f"claim {name!r} must be a {kind.__name__}, not {type(value).__name__}")

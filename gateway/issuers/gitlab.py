@@ -1,0 +1,140 @@
+"""GitLab CI ID tokens (gitlab.com and self-hosted instances) -> Identity.
+
+The claim tables are the whole of what we know GitLab sends; a test checks that every claim in a real token is
+classified, so a claim GitLab adds is noticed rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidPublisher, InvalidToken
+from ..identity import Identity
+from ..publishers import fold
+from .base import Kind, check_claims
+
+if TYPE_CHECKING:
+    from ..config import Issuer
+
+# Identity is built from these; each must be a string.
+REQUIRED = {
+    "project_path": str,
+    "project_id": str,
+    "namespace_path": str,
+    "namespace_id": str,
+    "ref": str,
+    "ref_type": str,
+    "pipeline_source": str,
+    "pipeline_id": str,
+}
+# Used when present (GitLab versions differ in what they send).
+OPTIONAL = {
+    "ref_path": str,
+    "ref_protected": str,
+    "sha": str,
+    "environment": str,
+    "user_login": str,
+    "runner_environment": str,
+    "project_visibility": str,
+    "job_project_path": str,
+}
+# ci_config_ref_uri is required but may be null: null has a meaning (config from another project).
+NULLABLE = {"ci_config_ref_uri": str}
+# Known and deliberately not used for matching: either redundant with the above, about the person rather than
+# the repository, or (sub) a project-configurable string that must not be trusted as a path.
+UNCHECKED = frozenset(
+    {
+        "iss", "aud", "exp", "iat", "nbf", "jti", "sub",
+        "user_id", "user_email", "user_access_level", "user_identities", "groups_direct",
+        "job_id", "runner_id", "environment_protected", "deployment_tier", "environment_action",
+        "ci_config_sha", "job_project_id", "job_namespace_id", "job_namespace_path",
+        "job_source", "job_policy_ref_uri", "job_policy_ref_sha",
+    }
+)  # fmt: skip
+
+
+def _host_path(url: str) -> str:
+    return url.split("://", 1)[1]
+
+
+def _ref_path(claims: Mapping[str, Any]) -> str | None:
+    if isinstance(claims.get("ref_path"), str):
+        return claims["ref_path"]  # type: ignore[no-any-return]
+    prefix = {"branch": "refs/heads/", "tag": "refs/tags/"}.get(claims["ref_type"])
+    return prefix + claims["ref"] if prefix else None
+
+
+def workflow_from(issuer_url: str, claims: Mapping[str, Any]) -> str:
+    """The CI config path, after checking that ci_config_ref_uri points into this very project and ref.
+
+    GitLab builds it as `{host}/{project_path}//{config path}@{ref_path}` (or `@{sha}`). Every part is
+    checked, because the config path is the only thing that says which pipeline definition the job ran.
+    """
+    uri = claims["ci_config_ref_uri"]
+    project_path = claims["project_path"]
+    if uri is None:
+        raise InvalidPublisher(
+            "ci_config_ref_uri is null: the job's CI configuration comes from another project or a remote "
+            "include, so it cannot be pinned to a publisher; keep the CI config file in the repository"
+        )
+    host = _host_path(issuer_url) + "/"
+    if fold(uri[: len(host)]) != fold(host):
+        raise InvalidPublisher(f"ci_config_ref_uri does not point into this GitLab instance ({host.rstrip('/')})")
+    project, sep, rest = uri[len(host) :].partition("//")
+    folded = fold(project)
+    if not sep or folded is None or folded != fold(project_path):
+        raise InvalidPublisher(
+            f"ci_config_ref_uri names CI config of project {project!r}, not of {project_path!r}: the CI "
+            "configuration must live in the publishing repository"
+        )
+    workflow, at, ref = rest.rpartition("@")
+    if not at or not workflow:
+        raise InvalidPublisher("ci_config_ref_uri has no '<config path>@<ref>' part")
+    if ref not in (_ref_path(claims), claims.get("sha")):
+        raise InvalidPublisher(
+            f"ci_config_ref_uri is pinned to {ref!r}, which is neither the job's ref_path nor its sha"
+        )
+    return str(workflow)
+
+
+def identity(issuer: Issuer, claims: Mapping[str, Any]) -> Identity:
+    check_claims(claims, REQUIRED, OPTIONAL, NULLABLE)
+    project_path = claims["project_path"]
+    job_project_path = claims.get("job_project_path")
+    if job_project_path is not None and fold(job_project_path) != fold(project_path):
+        raise InvalidPublisher(
+            f"the job ran in project {job_project_path!r} but the token names {project_path!r} "
+            "(a merge-request pipeline from a fork); publishing is refused"
+        )
+    if "ci_config_ref_uri" not in claims:
+        raise InvalidToken("token is missing 'ci_config_ref_uri' (GitLab 16.2 and later send it)")
+    protected = claims.get("ref_protected")
+    return Identity(
+        issuer=issuer.name,
+        issuer_url=issuer.url,
+        kind="gitlab",
+        repository=project_path,
+        repository_id=claims["project_id"],
+        owner=claims["namespace_path"],
+        owner_id=claims["namespace_id"],
+        workflow=workflow_from(issuer.url, claims),
+        ref=claims["ref"],
+        ref_type=claims["ref_type"],
+        sha=claims.get("sha"),
+        environment=claims.get("environment") or None,
+        trigger=claims["pipeline_source"],
+        run_id=claims["pipeline_id"],
+        actor=claims.get("user_login"),
+        runner_environment=claims.get("runner_environment"),
+        visibility=claims.get("project_visibility"),
+        protected_ref=None if protected is None else protected == "true",
+    )
+
+
+GITLAB = Kind(
+    name="gitlab",
+    identity=identity,
+    environment_case_sensitive=True,
+    known_claims=frozenset(REQUIRED) | frozenset(OPTIONAL) | frozenset(NULLABLE) | UNCHECKED,
+)

@@ -1,0 +1,241 @@
+"""Strict compact-JWS handling on top of joserfc.
+
+`peek` reads a token without trusting it: only its `iss` may be used, and only to choose a verifier. `verify`
+checks the signature with joserfc's algorithm implementations and then the claims with joserfc's claims
+registry, with every setting spelled out. Parsing is ours because the standard `json` module quietly keeps the
+last of duplicate members, which would let a token mean one thing to us and another to a different parser.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NewType
+
+from joserfc.errors import ExpiredTokenError, InvalidClaimError, JoseError, MissingClaimError
+from joserfc.jwk import Key
+from joserfc.jws import JWSRegistry
+from joserfc.jwt import JWTClaimsRegistry
+
+from .errors import InvalidPayload, InvalidToken
+
+UnverifiedClaims = NewType("UnverifiedClaims", Mapping[str, Any])
+VerifiedClaims = NewType("VerifiedClaims", Mapping[str, Any])
+
+# Headers that would let the token choose its own key or change how it is processed. `jwk`, `jku`, `x5u`
+# and `x5c` carry or point at a key (an attacker's); `crit` and `b64` change the signing input rules.
+BANNED_HEADERS = frozenset({"crit", "b64", "jku", "x5u", "x5c", "jwk"})
+REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "jti")
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-]*$")
+_KID = re.compile(r"^[\x21-\x7e]{1,256}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Unverified:
+    header: Mapping[str, Any]
+    claims: UnverifiedClaims
+    signing_input: bytes
+    signature: bytes
+
+    @property
+    def issuer(self) -> str:
+        return self.claims["iss"]  # type: ignore[no-any-return]
+
+    @property
+    def kid(self) -> str:
+        return self.header["kid"]  # type: ignore[no-any-return]
+
+    @property
+    def alg(self) -> str:
+        return self.header["alg"]  # type: ignore[no-any-return]
+
+
+def peek(token: str) -> Unverified:
+    """Split and strictly decode a compact JWS, check its header, and return it unverified."""
+    parts = token.split(".")
+    if len(parts) != 3 or not all(_SEGMENT.match(part) for part in parts) or not parts[0] or not parts[1]:
+        raise InvalidPayload("token is not a compact JWS (three base64url segments separated by '.')")
+    header = _decode_object(parts[0], "header")
+    claims = _decode_object(parts[1], "payload")
+    signature = _b64decode(parts[2], "signature")
+    _check_header(header)
+    iss = claims.get("iss")
+    if not isinstance(iss, str) or not iss:
+        raise InvalidPayload("token has no 'iss' string, so its issuer cannot be identified")
+    return Unverified(
+        header=header,
+        claims=UnverifiedClaims(claims),
+        signing_input=f"{parts[0]}.{parts[1]}".encode("ascii"),
+        signature=signature,
+    )
+
+
+def _b64decode(segment: str, what: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidPayload(f"token {what} is not valid base64url") from None
+
+
+class StrictJSONError(ValueError):
+    pass
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        names = [name for name, _ in pairs]
+        dupes = sorted({name for name in names if names.count(name) > 1})
+        raise StrictJSONError(f"duplicate member(s) {', '.join(map(repr, dupes))}")
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise StrictJSONError(f"{name} is not a JSON value")
+
+
+def strict_loads(data: bytes) -> Any:
+    """JSON as RFC 8259 means it: UTF-8, no duplicate member names, no NaN or Infinity."""
+    try:
+        text = data.decode("utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise StrictJSONError("not UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except StrictJSONError:
+        raise
+    except (ValueError, RecursionError):
+        raise StrictJSONError("not valid JSON") from None
+
+
+def _decode_object(segment: str, what: str) -> dict[str, Any]:
+    try:
+        value = strict_loads(_b64decode(segment, what))
+    except StrictJSONError as e:
+        raise InvalidPayload(f"token {what} is not strict UTF-8 JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise InvalidPayload(f"token {what} is not a JSON object")
+    return value
+
+
+def _check_header(header: Mapping[str, Any]) -> None:
+    banned = sorted(BANNED_HEADERS & header.keys())
+    if banned:
+        raise InvalidToken(f"token header member(s) {', '.join(banned)} are not accepted")
+    alg = header.get("alg")
+    if not isinstance(alg, str):
+        raise InvalidToken("token header has no 'alg' string")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not _KID.match(kid):
+        raise InvalidToken("token header has no usable 'kid' (a short printable string naming the issuer's key)")
+
+
+class Verifier:
+    """Verification settings for one issuer, built once and reused for every token of that issuer."""
+
+    def __init__(
+        self,
+        *,
+        issuer_url: str,
+        audience: str,
+        algorithms: tuple[str, ...],
+        leeway: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self.issuer_url = issuer_url
+        self.audience = audience
+        self.algorithms = algorithms
+        self.leeway = leeway
+        self._clock = clock
+        # Only the issuer's own algorithms; joserfc then refuses `none`, HMAC and everything else by name.
+        self._registry = JWSRegistry(algorithms=list(algorithms), strict_check_header=False)
+        self._claims = JWTClaimsRegistry(
+            now=lambda: int(self._clock()),
+            leeway=leeway,
+            iss={"essential": True, "value": issuer_url},
+            aud={"essential": True, "value": audience},
+            exp={"essential": True},
+            iat={"essential": True},
+            jti={"essential": True},
+        )
+
+    def check_algorithm(self, token: Unverified) -> None:
+        if token.alg not in self.algorithms:
+            raise InvalidToken(
+                f"algorithm {token.alg!r} is not accepted for this issuer (accepted: {', '.join(self.algorithms)})"
+            )
+
+    def verify(self, token: Unverified, key: Key) -> VerifiedClaims:
+        self.check_algorithm(token)
+        try:
+            algorithm = self._registry.get_alg(token.alg)
+            algorithm.check_key(key)
+            valid = algorithm.verify(token.signing_input, token.signature, key)
+        except (JoseError, ValueError, TypeError):
+            raise InvalidToken(f"the key {token.kid!r} cannot verify a {token.alg} signature") from None
+        if not valid:
+            raise InvalidToken("signature does not verify with the issuer's key")
+        self.check_claims(token.claims)
+        return VerifiedClaims(token.claims)
+
+    def check_claims(self, claims: Mapping[str, Any]) -> None:
+        missing = [name for name in REQUIRED_CLAIMS if claims.get(name) is None]
+        if missing:
+            raise InvalidToken(f"token is missing required claim(s): {', '.join(missing)}")
+        aud = claims["aud"]
+        if not isinstance(aud, str):
+            raise InvalidToken(f"'aud' must be the single string {self.audience!r}, not a {_json_type(aud)}")
+        for name in ("exp", "iat", "nbf"):
+            value = claims.get(name)
+            if name in claims and not _is_time(value):
+                raise InvalidToken(f"{name!r} must be a NumericDate (seconds since the epoch), not {_json_type(value)}")
+        for name in ("iss", "jti", "sub"):
+            if name in claims and not isinstance(claims[name], str):
+                raise InvalidToken(f"{name!r} must be a string, not {_json_type(claims[name])}")
+        try:
+            self._claims.validate(dict(claims))
+        except ExpiredTokenError:
+            raise InvalidToken(
+                f"token expired at {claims['exp']} (now {int(self._clock())}, leeway {self.leeway} s); "
+                "request a fresh ID token in the job that uploads"
+            ) from None
+        except MissingClaimError as e:
+            raise InvalidToken(f"token is missing required claim(s): {e.claim}") from None
+        except InvalidClaimError as e:
+            raise InvalidToken(self._claim_problem(e.claim, claims)) from None
+
+    def _claim_problem(self, name: str, claims: Mapping[str, Any]) -> str:
+        now = int(self._clock())
+        if name == "aud":
+            return f"'aud' is {claims['aud']!r}; this gateway accepts only {self.audience!r}"
+        if name == "iss":
+            return f"'iss' does not equal {self.issuer_url!r}"
+        if name == "nbf":
+            return f"token is not valid before {claims['nbf']} (now {now}, leeway {self.leeway} s)"
+        if name == "iat":
+            return f"token was issued in the future at {claims['iat']} (now {now}, leeway {self.leeway} s)"
+        return f"claim {name!r} is invalid"
+
+
+def _is_time(value: object) -> bool:
+    return not isinstance(value, bool) and (
+        isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    )
+
+
+def _json_type(value: object) -> str:
+    return {
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "list",
+        dict: "object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
