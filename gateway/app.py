@@ -17,7 +17,8 @@ from .keys import Keys
 from .metrics import Metrics
 from .mint import Signer, generate_key
 from .routes import Endpoints, gateway_error
-from .store import MemoryStore, Store
+from .shared import SharedKeys
+from .store import MemoryStore, RedisStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,19 @@ def create_app(
         key = generate_key()
     if store is None:
         store = _default_store(settings, clock)
+    shared = None
+    if store.shared is not None:
+        shared = SharedKeys(
+            store.shared,
+            clock=clock,
+            ttl=settings.keys_ttl,
+            cooldown=settings.refresh_cooldown,
+            max_age=settings.keys_max_age,
+            timeout=settings.fetch_timeout,
+        )
     keys = Keys(
         settings.issuers,
+        shared=shared,
         clock=clock,
         transport=transport,
         ttl=settings.keys_ttl,
@@ -78,8 +90,6 @@ def create_app(
 def _default_store(settings: config.Settings, clock: Callable[[], float]) -> Store:
     if settings.redis_url is None:
         return MemoryStore(clock)
-    from .redis import RedisStore
-
     return RedisStore.from_url(settings.redis_url, clock=clock, fallback=settings.replay_fallback)
 
 

@@ -15,7 +15,7 @@ from .config import Issuer, Settings
 from .errors import InvalidPayload, InvalidPublisher, ReusedToken
 from .identity import Identity
 from .issuers import KINDS
-from .jose import Verifier, VerifiedClaims, peek
+from .jose import VerifiedClaims, Verifier, peek
 from .keys import Keys
 from .mint import Minted, Signer
 from .publishers import Match, Publishers, under_namespaces

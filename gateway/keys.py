@@ -17,7 +17,7 @@ import logging
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -26,6 +26,9 @@ from joserfc.jwk import ECKey, Key, OKPKey, RSAKey, import_key
 
 from .config import Issuer
 from .errors import InvalidToken, IssuerUnavailable
+
+if TYPE_CHECKING:
+    from .shared import SharedKeys
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class KeySet:
     fetched_at: float
     jwks_uri: str
     dropped: tuple[str, ...] = ()
+    # The accepted keys as public JWKs, for sharing the set with other replicas.
+    jwks: tuple[Mapping[str, Any], ...] = ()
 
 
 def key_types(algorithms: tuple[str, ...]) -> tuple[type[Key], ...]:
@@ -63,24 +68,14 @@ def parse_jwks(document: Any, algorithms: tuple[str, ...]) -> tuple[dict[str, Ke
     """Validate a JWKS document; returns the usable keys by kid and a reason for each key dropped."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise FetchError("JWKS is not an object with a 'keys' list")
-    allowed_types = key_types(algorithms)
     keys: dict[str, Key] = {}
     dropped: list[str] = []
     duplicates: set[str] = set()
     for number, raw in enumerate(document["keys"], start=1):
         kid = raw.get("kid") if isinstance(raw, dict) else None
         name = f"key {kid!r}" if isinstance(kid, str) else f"key #{number}"
-        reason = _key_problem(raw, kid, algorithms)
-        key = None
-        if reason is None:
-            try:
-                key = import_key(raw)
-            except (JoseError, ValueError, TypeError, KeyError) as e:
-                reason = f"malformed ({e})"
-        if key is not None and reason is None:
-            if not isinstance(key, allowed_types):
-                reason = f"key type {raw['kty']} does not fit the algorithms {', '.join(algorithms)}"
-        if reason is not None or key is None:
+        key, reason = _import(raw, kid, algorithms)
+        if key is None:
             dropped.append(f"{name}: {reason}")
             continue
         assert isinstance(kid, str)
@@ -92,6 +87,19 @@ def parse_jwks(document: Any, algorithms: tuple[str, ...]) -> tuple[dict[str, Ke
             continue
         keys[kid] = key
     return keys, dropped
+
+
+def _import(raw: Any, kid: Any, algorithms: tuple[str, ...]) -> tuple[Key | None, str]:
+    reason = _key_problem(raw, kid, algorithms)
+    if reason is not None:
+        return None, reason
+    try:
+        key = import_key(raw)
+    except (JoseError, ValueError, TypeError, KeyError) as e:
+        return None, f"malformed ({e})"
+    if not isinstance(key, key_types(algorithms)):
+        return None, f"key type {raw['kty']} does not fit the algorithms {', '.join(algorithms)}"
+    return key, ""
 
 
 def _key_problem(raw: Any, kid: Any, algorithms: tuple[str, ...]) -> str | None:
@@ -168,7 +176,13 @@ class Fetcher:
         keys, dropped = parse_jwks(jwks, self.issuer.algorithms)
         if not keys:
             raise FetchError(f"no usable keys at {jwks_uri} ({'; '.join(dropped) or 'the set is empty'})")
-        return KeySet(keys=keys, fetched_at=clock(), jwks_uri=jwks_uri, dropped=tuple(dropped))
+        return KeySet(
+            keys=keys,
+            fetched_at=clock(),
+            jwks_uri=jwks_uri,
+            dropped=tuple(dropped),
+            jwks=tuple(key.as_dict(private=False) for key in keys.values()),
+        )
 
     def check_discovery(self, discovery: Any) -> str:
         if not isinstance(discovery, dict):
@@ -240,8 +254,10 @@ class Keys:
         max_age: float = 24 * 3600,
         timeout: float = 5.0,
         max_bytes: int = 256 * 1024,
+        shared: SharedKeys | None = None,
     ) -> None:
         self.clock = clock
+        self.shared = shared
         self.ttl = ttl
         self.cooldown = cooldown
         self.max_age = max_age
@@ -250,6 +266,7 @@ class Keys:
             for name, issuer in issuers.items()
         }
         self._states = {name: _State() for name in issuers}
+        self._algorithms = {name: issuer.algorithms for name, issuer in issuers.items()}
 
     def state(self, issuer: str) -> _State:
         return self._states[issuer]
@@ -262,11 +279,11 @@ class Keys:
             return key
         now = self.clock()
         if state.inflight is not None:
-            key_set = await self._wait(issuer, state)
+            key_set = await self._wait(issuer, state, "kid")
         elif state.kid_refresh_at is None or now - state.kid_refresh_at >= self.cooldown:
             # Started here, counted whether or not the fetch succeeds: a flood of random kids gets one fetch.
             state.kid_refresh_at = now
-            key_set = await self._wait(issuer, state)
+            key_set = await self._wait(issuer, state, "kid")
         key = key_set.keys.get(kid)
         if key is None:
             raise InvalidToken(
@@ -281,22 +298,22 @@ class Keys:
         if key_set is None or now - key_set.fetched_at >= self.max_age:
             if state.failed_at is not None and now - state.failed_at < FAILURE_BACKOFF and state.inflight is None:
                 raise self._unavailable(issuer)
-            return await self._wait(issuer, state)
-        if now - key_set.fetched_at >= self.ttl and state.inflight is None:
-            if state.failed_at is None or now - state.failed_at >= FAILURE_BACKOFF:
-                self._start(issuer, state)
+            return await self._wait(issuer, state, "load")
+        backing_off = state.failed_at is not None and now - state.failed_at < FAILURE_BACKOFF
+        if now - key_set.fetched_at >= self.ttl and state.inflight is None and not backing_off:
+            self._start(issuer, state, "ttl")
         return key_set
 
-    def _start(self, issuer: str, state: _State) -> asyncio.Task[KeySet | None]:
+    def _start(self, issuer: str, state: _State, reason: str) -> asyncio.Task[KeySet | None]:
         if state.inflight is None:
-            task = asyncio.create_task(self._fetch(issuer, state), name=f"keys:{issuer}")
+            task = asyncio.create_task(self._fetch(issuer, state, reason), name=f"keys:{issuer}")
             state.inflight = task
             task.add_done_callback(lambda _: setattr(state, "inflight", None))
         return state.inflight
 
-    async def _wait(self, issuer: str, state: _State) -> KeySet:
+    async def _wait(self, issuer: str, state: _State, reason: str) -> KeySet:
         # shield: a client that disconnects must not cancel the fetch other requests are waiting on.
-        key_set = await asyncio.shield(self._start(issuer, state))
+        key_set = await asyncio.shield(self._start(issuer, state, reason))
         if key_set is None:
             raise self._unavailable(issuer)
         return key_set
@@ -307,23 +324,36 @@ class Keys:
             f"the keys of issuer {issuer!r} cannot be fetched right now and none are cached; retry shortly"
         )
 
-    async def _fetch(self, issuer: str, state: _State) -> KeySet | None:
-        """Returns the best key set after a fetch: the new one, the last good one if still usable, or None."""
+    async def _upstream(self, issuer: str, state: _State) -> KeySet:
         state.fetches += 1
+        return await self._fetchers[issuer].fetch(self.clock)
+
+    async def _fetch(self, issuer: str, state: _State, reason: str) -> KeySet | None:
+        """Returns the best key set after a fetch: the new one, the last good one if still usable, or None.
+
+        `reason` is what asked for it: "load" (nothing usable cached), "ttl" (a background refresh) or "kid"
+        (an unknown key id); with shared state, only "kid" refreshes are subject to the shared cooldown.
+        """
         try:
-            key_set = await self._fetchers[issuer].fetch(self.clock)
+            if self.shared is None:
+                key_set = await self._upstream(issuer, state)
+            else:
+                key_set = await self.shared.refresh(
+                    issuer, self._algorithms[issuer], state.key_set, reason, lambda: self._upstream(issuer, state)
+                )
         except FetchError as e:
             state.failed_at = self.clock()
             state.last_error = str(e)
-            log.warning("key fetch failed", extra={"issuer": issuer, "reason": str(e)})
+            log.warning("keys of issuer %s could not be fetched: %s", issuer, e)
             previous = state.key_set
             if previous is not None and self.clock() - previous.fetched_at < self.max_age:
                 return previous
             return None
         state.failed_at = None
         state.last_error = None
-        for reason in key_set.dropped:
-            log.warning("issuer key dropped", extra={"issuer": issuer, "reason": reason})
+        if key_set is not state.key_set:
+            for dropped in key_set.dropped:
+                log.warning("keys of issuer %s: dropped %s", issuer, dropped)
         state.key_set = key_set
         return key_set
 

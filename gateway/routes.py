@@ -90,7 +90,7 @@ class Endpoints:
         except GatewayError as e:
             self.metrics.mints.labels(issuer, e.code).inc()
             self.metrics.latency.observe(time.perf_counter() - started)
-            log.info("mint refused", extra={"code": e.code, "reason": e.description})
+            log.info("mint refused: %s: %s", e.code, e.description)
             return error_response(e)
         issuer = exchanged.verified.issuer.name
         self.metrics.mints.labels(issuer, "success").inc()

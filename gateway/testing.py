@@ -166,17 +166,7 @@ class TestIssuer:
         self.requests: list[str] = []
         self.signing_kid = self.add_key(size=key_size)
 
-        # Misbehaviour knobs, read by the server thread on every request.
-        self.discovery_overrides: dict[str, object] = {}
-        self.discovery_override: object | None = None
-        self.extra_jwks: list[dict[str, Any]] = []
-        self.jwks_override: object | None = None
-        self.status: int | None = None
-        self.redirect_to: str | None = None
-        self.oversize: int | None = None
-        self.trickle: float | None = None
-        self.delay: float = 0.0
-        self.paths_misbehave: set[str] | None = None
+        self.reset()
 
         self._dir: Path | None = None
         self._server: uvicorn.Server | None = None
@@ -190,6 +180,20 @@ class TestIssuer:
                 Route(self.jwks_path, self._jwks_endpoint),
             ]
         )
+
+    def reset(self) -> None:
+        # Misbehaviour knobs, read by the server thread on every request.
+        self.discovery_overrides: dict[str, object] = {}
+        self.discovery_override: object | None = None
+        self.extra_jwks: list[dict[str, Any]] = []
+        self.jwks_override: object | None = None
+        self.status: int | None = None
+        self.redirect_to: str | None = None
+        self.oversize: int | None = None
+        self.trickle: float | None = None
+        self.delay: float = 0.0
+        self.paths_misbehave: set[str] | None = None
+        self.reset_counts()
 
     def start(self) -> TestIssuer:
         if self._thread is not None:
@@ -507,7 +511,13 @@ class TestIssuer:
         return await self._respond(JWKS, self.jwks() if body is None else body)
 
     async def _respond(self, name: str, doc: object) -> Response:
-        body = doc if isinstance(doc, bytes) else doc.encode() if isinstance(doc, str) else _json(doc)
+        # bytes and str go out untouched so tests can serve deliberately broken JSON.
+        if isinstance(doc, bytes):
+            body = doc
+        elif isinstance(doc, str):
+            body = doc.encode()
+        else:
+            body = _json(doc)
         only = self.paths_misbehave
         if only is not None and name not in only:
             return Response(body, media_type="application/json")

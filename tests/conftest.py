@@ -30,18 +30,9 @@ def _issuer(ca: trustme.CA) -> Iterator[TestIssuer]:
 @pytest.fixture
 def issuer(_issuer: TestIssuer) -> Iterator[TestIssuer]:
     """The shared test issuer, with its misbehaviour knobs and counters reset around each test."""
-    _issuer.reset_counts()
+    _issuer.reset()
     yield _issuer
-    _issuer.discovery_overrides = {}
-    _issuer.discovery_override = None
-    _issuer.extra_jwks = []
-    _issuer.jwks_override = None
-    _issuer.status = None
-    _issuer.redirect_to = None
-    _issuer.oversize = None
-    _issuer.trickle = None
-    _issuer.delay = 0.0
-    _issuer.paths_misbehave = None
+    _issuer.reset()
     for kid in _issuer.published_kids:
         if kid != _issuer.signing_kid:
             _issuer.retire(kid)

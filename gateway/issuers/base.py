@@ -25,7 +25,7 @@ def check_claims(
     claims: Mapping[str, Any],
     required: Mapping[str, type],
     optional: Mapping[str, type],
-    nullable: Mapping[str, type] = {},  # noqa: B006 -- read only
+    nullable: Mapping[str, type] = {},
 ) -> None:
     """Presence and JSON types of a kind's claims; strings stay strings (no `123` for `"123"`)."""
     missing = [name for name in required if claims.get(name) is None]
@@ -36,5 +36,5 @@ def check_claims(
             value = claims.get(name)
             if value is None and allow_null:
                 continue
-            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise InvalidToken(f"claim {name!r} must be a {kind.__name__}, not {type(value).__name__}")
