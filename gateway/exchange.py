@@ -8,11 +8,12 @@ spent only once a publisher matched (so a token refused for a fixable reason sta
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .config import Issuer, Settings
-from .errors import InvalidPayload, InvalidPublisher, ReusedToken
+from .errors import GatewayError, InvalidPayload, InvalidPublisher, ReusedToken
 from .identity import Identity
 from .issuers import KINDS
 from .jose import VerifiedClaims, Verifier, peek
@@ -69,32 +70,35 @@ class Exchange:
         if issuer is None:
             # Exact match only, and no network I/O: an attacker's `iss` never becomes a URL we fetch.
             raise InvalidPayload(f"issuer {token.issuer[:200]!r} is not trusted by this gateway")
-        verifier = self.verifiers[issuer.name]
-        verifier.check_algorithm(token)
-        key = await self.keys.key(issuer.name, token.kid)
-        claims = verifier.verify(token, key)
-        identity = KINDS[issuer.kind].identity(issuer, claims)
-        if issuer.namespaces and not under_namespaces(identity.repository, issuer.namespaces):
-            raise InvalidPublisher(
-                f"repository {identity.repository!r} is outside the namespaces this gateway trusts for issuer "
-                f"{issuer.name!r}"
-            )
+        with _attributed(issuer.name):
+            verifier = self.verifiers[issuer.name]
+            verifier.check_algorithm(token)
+            key = await self.keys.key(issuer.name, token.kid)
+            claims = verifier.verify(token, key)
+            identity = KINDS[issuer.kind].identity(issuer, claims)
+            if issuer.namespaces and not under_namespaces(identity.repository, issuer.namespaces):
+                raise InvalidPublisher(
+                    f"repository {identity.repository!r} is outside the namespaces this gateway trusts for "
+                    f"issuer {issuer.name!r}"
+                )
         return Verified(issuer=issuer, claims=claims, identity=identity)
 
     def match(self, verified: Verified) -> Match:
         kind = KINDS[verified.issuer.kind]
-        return self.publishers.match(
-            verified.identity, environment_case_sensitive=kind.environment_case_sensitive
-        )
+        with _attributed(verified.issuer.name):
+            return self.publishers.match(
+                verified.identity, environment_case_sensitive=kind.environment_case_sensitive
+            )
 
     async def exchange(self, raw: str) -> Exchanged:
         verified = await self.verify(raw)
         match = self.match(verified)
         now = self.clock()
         # Remember the jti for as long as any clock within the leeway could still accept the token.
-        ttl = max(1.0, float(verified.claims["exp"]) + self.settings.leeway - now + 1)
-        if not await self.store.spend(jti_key(verified.issuer.name, verified.claims["jti"]), ttl):
-            raise ReusedToken("this ID token was already exchanged; each ID token can be used once")
+        ttl = max(1.0, verified.claims["exp"] + self.settings.leeway - now + 1)
+        with _attributed(verified.issuer.name):
+            if not await self.store.spend(jti_key(verified.issuer.name, verified.claims["jti"]), ttl):
+                raise ReusedToken("this ID token was already exchanged; each ID token can be used once")
         minted = self.signer.mint(
             identity=verified.identity,
             projects=match.projects,
@@ -104,3 +108,12 @@ class Exchange:
             now=now,
         )
         return Exchanged(verified=verified, match=match, minted=minted)
+
+
+@contextmanager
+def _attributed(issuer: str) -> Iterator[None]:
+    try:
+        yield
+    except GatewayError as e:
+        e.issuer = issuer
+        raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,9 +30,13 @@ VerifiedClaims = NewType("VerifiedClaims", Mapping[str, Any])
 # and `x5c` carry or point at a key (an attacker's); `crit` and `b64` change the signing input rules.
 BANNED_HEADERS = frozenset({"crit", "b64", "jku", "x5u", "x5c", "jwk"})
 REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "jti")
+_REGISTERED = ("iss", "sub", "aud", "exp", "nbf", "iat", "jti")
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9_-]*$")
-_KID = re.compile(r"^[\x21-\x7e]{1,256}$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline, which base64 would then ignore.
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+_KID = re.compile(r"[\x21-\x7e]{1,256}")
+# A year: longer-lived tokens could not be remembered for replay protection, and no CI issuer makes them.
+MAX_LIFETIME = 366 * 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +62,7 @@ class Unverified:
 def peek(token: str) -> Unverified:
     """Split and strictly decode a compact JWS, check its header, and return it unverified."""
     parts = token.split(".")
-    if len(parts) != 3 or not all(_SEGMENT.match(part) for part in parts) or not parts[0] or not parts[1]:
+    if len(parts) != 3 or not all(_SEGMENT.fullmatch(part) for part in parts) or not parts[0] or not parts[1]:
         raise InvalidPayload("token is not a compact JWS (three base64url segments separated by '.')")
     header = _decode_object(parts[0], "header")
     claims = _decode_object(parts[1], "payload")
@@ -132,7 +135,7 @@ def _check_header(header: Mapping[str, Any]) -> None:
     if not isinstance(alg, str):
         raise InvalidToken("token header has no 'alg' string")
     kid = header.get("kid")
-    if not isinstance(kid, str) or not _KID.match(kid):
+    if not isinstance(kid, str) or not _KID.fullmatch(kid):
         raise InvalidToken("token header has no usable 'kid' (a short printable string naming the issuer's key)")
 
 
@@ -198,8 +201,13 @@ class Verifier:
         for name in ("iss", "jti", "sub"):
             if name in claims and not isinstance(claims[name], str):
                 raise InvalidToken(f"{name!r} must be a string, not {_json_type(claims[name])}")
+        if not claims["jti"]:
+            raise InvalidToken("'jti' must be a non-empty string")
+        if claims["exp"] > self._clock() + MAX_LIFETIME:
+            raise InvalidToken("'exp' is more than a year away; CI ID tokens live minutes to hours")
         try:
-            self._claims.validate(dict(claims))
+            # Only the registered claims: the registry would otherwise look up a validator for every claim.
+            self._claims.validate({name: claims[name] for name in _REGISTERED if name in claims})
         except ExpiredTokenError:
             raise InvalidToken(
                 f"token expired at {claims['exp']} (now {int(self._clock())}, leeway {self.leeway} s); "
@@ -224,9 +232,13 @@ class Verifier:
 
 
 def _is_time(value: object) -> bool:
-    return not isinstance(value, bool) and (
-        isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
-    )
+    # Bounded like a float's exact integers: 10**400 is a JSON integer, but not a time anyone can compute with.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return abs(float(value)) < 2**53  # False for NaN and the infinities too
+    except OverflowError:
+        return False
 
 
 def _json_type(value: object) -> str:

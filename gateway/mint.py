@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Sequence
@@ -46,8 +47,12 @@ class Signer:
         self.algorithm = algorithm_of(key)
         # RFC 7638 thumbprint: replicas with the same key agree on its kid without coordination.
         self.kid = key.thumbprint()
-        self._registry = jws.JWSRegistry(algorithms=[self.algorithm])
-        self._header = {"alg": self.algorithm, "kid": self.kid, "typ": "JWT"}
+        registry = jws.JWSRegistry(algorithms=[self.algorithm])
+        self._signer = registry.get_alg(self.algorithm)
+        self._signer.check_key(key)
+        # The header never changes, so it is encoded once; each mint encodes and signs only the payload.
+        header = json.dumps({"alg": self.algorithm, "kid": self.kid, "typ": "JWT"}, separators=(",", ":"))
+        self._header = _b64(header.encode())
         published = [public_jwk(key)]
         published += [public_jwk(old) for old in previous if old.thumbprint() != self.kid]
         self.jwks: dict[str, Any] = {"keys": published}
@@ -77,5 +82,11 @@ class Signer:
             "identity": identity.as_dict(),
         }
         payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        token = jws.serialize_compact(self._header, payload, self.key, registry=self._registry)
+        signing_input = self._header + b"." + _b64(payload)
+        signature = self._signer.sign(signing_input, self.key)
+        token = (signing_input + b"." + _b64(signature)).decode("ascii")
         return Minted(token=token, expires=expires, jti=jti)
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")

@@ -83,12 +83,12 @@ class Endpoints:
 
     async def mint_token(self, request: Request) -> Response:
         started = time.perf_counter()
-        issuer = "unknown"
         try:
             token = token_from(await read_body(request, self.settings.max_body))
             exchanged = await self.exchange.exchange(token)
         except GatewayError as e:
-            self.metrics.mints.labels(issuer, e.code).inc()
+            # Failures before an issuer is known (bad body, untrusted issuer) are counted under "-".
+            self.metrics.mints.labels(e.issuer or "-", e.code).inc()
             self.metrics.latency.observe(time.perf_counter() - started)
             log.info("mint refused: %s: %s", e.code, e.description)
             return error_response(e)
