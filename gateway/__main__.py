@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,6 +80,9 @@ def _serve(args: argparse.Namespace) -> int:
     # Workers are separate processes that each load the config again; the path travels in the environment.
     os.environ["GATEWAY_CONFIG"] = str(settings.config_path.resolve())
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal against the handler it found at
+    # start; a no-op handler there turns a clean shutdown into exit status 0 instead of death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(
         "gateway.app:from_environment",
         factory=True,

@@ -31,8 +31,8 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519"}
 )
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_PROJECT = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_PROJECT = re.compile(r"[A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9]", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,8 @@ def config_path(cli_value: str | None, environ: Mapping[str, str] = os.environ) 
 
 
 def load(path: Path | str, environ: Mapping[str, str] = os.environ) -> Settings:
-    path = Path(path)
+    # Absolute, so relative paths inside the config mean the same thing whatever the working directory later.
+    path = Path(path).absolute()
     problems = _Problems()
     raw = _read_toml(path, problems)
     if raw is None:
@@ -272,7 +273,7 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
     urls: dict[str, str] = {}
     for name, table in raw.items():
         where = f"[issuers.{name}]"
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             problems.add(path, where, "name must be letters, digits, '-' or '_' (at most 64)")
         if not isinstance(table, dict):
             problems.add(path, where, "must be a table")
@@ -400,14 +401,13 @@ def _publisher(
         t.problem("workflow", "must be a path relative to the repository root")
         workflow = None
     for project in projects or ():
-        if not _PROJECT.match(project):
+        if not _PROJECT.fullmatch(project):
             t.problem("projects", f"{project!r} is not a valid project name")
             projects = None
     if projects == ():
         t.problem("projects", "must name at least one project")
-    if None in (issuer, repository, workflow, projects):
+    if issuer_name is None or issuer is None or repository is None or workflow is None or not projects:
         return None
-    assert issuer_name is not None and repository is not None and workflow is not None and projects
     return Publisher(
         issuer=issuer_name,
         repository=repository,

@@ -1,0 +1,726 @@
+"""Throughput benchmark: GET /livez against POST /_/oidc/mint-token on one gateway worker, with wrk as the client.
+
+    /work/venv/bin/python bench/run.py [--duration 10] [--connections 64] [--workers 1] [--redis URL]
+
+Everything is real: a TestIssuer serves discovery and JWKS over HTTPS, `gateway serve` runs as a subprocess
+exactly as an operator starts it, and every mint carries a distinct RS256 ID token signed ahead of time (signing
+is ~4x the cost of verifying, so signing inside the run would measure the client, not the gateway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from joserfc.jwk import RSAKey
+
+from gateway.mint import generate_key
+from gateway.testing import TestIssuer, free_port
+
+HERE = Path(__file__).resolve().parent
+LUA_SCRIPT = HERE / "mint.lua"
+ISSUER_NAME = "gitlab-com"
+AUDIENCE = "pypi"
+TARGET_RATE = 5000
+# Tokens outlive the run by this much so a --tokens-file can be reused for a working day.
+TOKEN_LIFETIME = 12 * 3600
+# Signing chunks: big enough that pickling overhead is noise, small enough to spread over the processes.
+SIGN_CHUNK = 2000
+MINT_PATH = "/_/oidc/mint-token"
+LIVEZ_PATH = "/livez"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The issuer
+
+
+class _PinnedIssuer(TestIssuer):
+    """A TestIssuer on a chosen port: reused tokens name the old port in `iss`, so the issuer must be there again.
+
+    TestIssuer always binds port 0 and has no port option; uvicorn serves on sockets handed to `serve()`, so the
+    shim hands it one. It leans on TestIssuer's private `_serve`/`_server`; a `port=` argument on TestIssuer
+    would make it unnecessary.
+    """
+
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self._pinned_port = port
+
+    async def _serve(self) -> None:
+        server = self._server
+        assert server is not None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self._pinned_port))
+        server.serve = functools.partial(server.serve, sockets=[sock])  # type: ignore[method-assign]
+        await super()._serve()
+
+
+def start_issuer(bench_key: RSAKey, port: int | None = None) -> TestIssuer:
+    """Start a TestIssuer (its server runs in a thread of this process) that also publishes the bench key.
+
+    The bench signs with its own key, published through the public `extra_jwks` knob, so that a tokens file
+    signed in an earlier run stays verifiable: the issuer's own key is new every run.
+    """
+    issuer = TestIssuer() if port is None else _PinnedIssuer(port)
+    issuer.extra_jwks = [public_jwk(bench_key)]
+    return issuer.start()
+
+
+def public_jwk(key: RSAKey) -> dict[str, Any]:
+    return {**key.as_dict(private=False), "kid": key.kid, "alg": "RS256", "use": "sig"}
+
+
+def new_bench_key() -> RSAKey:
+    # 2048 bits: the gateway refuses weaker RSA keys, and it is what GitLab uses, so verify cost is realistic.
+    return RSAKey.generate_key(2048, parameters={"alg": "RS256", "use": "sig"}, auto_kid=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration and the gateway process
+
+
+def write_config(directory: Path, issuer: TestIssuer, *, gateway_port: int, redis_url: str | None) -> Path:
+    """Write issuers.toml, publishers.toml and a signing key as an operator would; return the issuers.toml path."""
+    # Same document `gateway keygen --out` writes, with the same 0600 mode: it is a private key.
+    key = generate_key("ES256")
+    key_path = directory / "signing-key.json"
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(key.as_dict(private=True, kid=key.thumbprint()), f)
+
+    gateway = [
+        "[gateway]",
+        f"audience = {json.dumps(AUDIENCE)}",
+        f'url = "http://127.0.0.1:{gateway_port}"',
+        'publishers = "publishers.toml"',
+        'signing_key = "signing-key.json"',
+    ]
+    if redis_url is not None:
+        gateway.append(f"redis_url = {json.dumps(redis_url)}")
+    issuers = [
+        f"[issuers.{ISSUER_NAME}]",
+        f"url = {json.dumps(issuer.url)}",
+        'kind = "gitlab"',
+        f"ca_bundle = {json.dumps(str(issuer.ca_path))}",
+    ]
+    path = directory / "issuers.toml"
+    path.write_text("\n".join([*gateway, "", *issuers]) + "\n")
+    (directory / "publishers.toml").write_text(
+        "[[publisher]]\n"
+        f"issuer = {json.dumps(ISSUER_NAME)}\n"
+        'repository = "group/project"\n'
+        'workflow = ".gitlab-ci.yml"\n'
+        'projects = ["sampleproject"]\n'
+    )
+    return path
+
+
+def start_gateway(config: Path, *, port: int, workers: int, log: Path) -> subprocess.Popen[bytes]:
+    """Run `gateway serve` exactly as an operator would, and wait until /livez answers."""
+    env = dict(os.environ)
+    # The run must be what the flags say: an inherited $GATEWAY_REDIS_URL would silently override the config.
+    env.pop("GATEWAY_REDIS_URL", None)
+    env.pop("GATEWAY_CONFIG", None)
+    command = [
+        sys.executable, "-m", "gateway", "serve",
+        "--config", str(config), "--port", str(port), "--workers", str(workers), "--log-level", "warning",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=config.parent)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gateway exited with {proc.returncode} during startup:\n{tail(log)}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{LIVEZ_PATH}", timeout=1) as response:
+                if response.status == 200:
+                    return proc
+        time.sleep(0.1)
+    stop_gateway(proc)
+    raise SystemExit(f"gateway did not answer {LIVEZ_PATH} within 30 s:\n{tail(log)}")
+
+
+def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    # SIGINT is uvicorn's graceful shutdown, which also stops worker processes when --workers > 1.
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokens
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class TokenSigner:
+    """Signs copies of one claim set that differ only in `jti`; one per signing process."""
+
+    def __init__(self, pem: bytes, kid: str) -> None:
+        key = load_pem_private_key(pem, password=None)
+        assert isinstance(key, rsa.RSAPrivateKey)
+        self._key = key
+        # Same header shape TestIssuer.sign produces, and GitLab sends.
+        self._header = _b64(json.dumps({"alg": "RS256", "kid": kid, "typ": "JWT"}, separators=(",", ":")).encode())
+
+    def sign(self, claims: dict[str, Any], count: int) -> list[str]:
+        tokens = []
+        for _ in range(count):
+            # A fresh uuid4 jti per token, as GitLab does: the gateway spends each jti once.
+            payload = {**claims, "jti": str(uuid.uuid4())}
+            signing_input = f"{self._header}.{_b64(json.dumps(payload, separators=(',', ':')).encode())}"
+            signature = self._key.sign(signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
+            tokens.append(f"{signing_input}.{_b64(signature)}")
+        return tokens
+
+
+# Set once per signing process by the pool initializer, so the key is parsed once, not once per chunk.
+_worker_signer: TokenSigner | None = None
+
+
+def _init_worker(pem: bytes, kid: str) -> None:
+    global _worker_signer
+    _worker_signer = TokenSigner(pem, kid)
+
+
+def _sign_chunk(claims: dict[str, Any], count: int) -> list[str]:
+    assert _worker_signer is not None
+    return _worker_signer.sign(claims, count)
+
+
+def token_claims(issuer: TestIssuer, now: int) -> dict[str, Any]:
+    # A full GitLab claim set from TestIssuer, valid long enough for the tokens file to be reused.
+    return issuer.gitlab_claims(now=now, exp=now + TOKEN_LIFETIME)
+
+
+def sign_tokens(key: RSAKey, claims: dict[str, Any], count: int, processes: int) -> list[str]:
+    """Sign `count` distinct tokens across `processes` processes (RSA signing is CPU-bound and holds the GIL)."""
+    pem = key.as_pem(private=True)
+    assert key.kid is not None
+    chunks = [min(SIGN_CHUNK, count - start) for start in range(0, count, SIGN_CHUNK)]
+    if processes <= 1 or len(chunks) == 1:
+        return TokenSigner(pem, key.kid).sign(claims, count)
+    # spawn, not fork: this process runs the issuer's server thread, and forking a threaded process can
+    # copy a held lock into the child.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=processes, mp_context=context, initializer=_init_worker, initargs=(pem, key.kid)
+    ) as pool:
+        return [token for batch in pool.map(_sign_chunk, [claims] * len(chunks), chunks) for token in batch]
+
+
+@dataclasses.dataclass
+class TokenFile:
+    """A tokens file and its sidecar: the signing key and issuer port a later run needs to reuse the tokens."""
+
+    path: Path
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".meta.json")
+
+    def load_meta(self) -> dict[str, Any] | None:
+        try:
+            meta: dict[str, Any] = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if self.path.exists() and meta.get("format") == 1 else None
+
+    def save(self, tokens: Sequence[str], key: RSAKey, port: int, expires: int) -> None:
+        self.path.write_text("\n".join(tokens) + "\n")
+        meta = {
+            "format": 1,
+            "count": len(tokens),
+            "issuer_port": port,
+            "expires": expires,
+            "key": key.as_dict(private=True),
+            "redis_spent": [],
+        }
+        # 0600: the sidecar holds a private key (a throwaway one, but still).
+        fd = os.open(self.meta_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f)
+
+    def mark_spent(self, redis_url: str) -> None:
+        # Redis remembers spent jtis until the tokens expire, so the file is useless against that Redis now.
+        meta = self.load_meta()
+        if meta is not None:
+            meta["redis_spent"] = sorted({*meta.get("redis_spent", []), redis_url})
+            self.meta_path.write_text(json.dumps(meta))
+
+
+def reuse_problem(meta: dict[str, Any] | None, *, needed: int, duration: float, redis_url: str | None) -> str | None:
+    """Why a tokens file cannot be reused for this run, or None if it can."""
+    if meta is None:
+        return "no tokens file with a readable .meta.json sidecar yet"
+    if meta["expires"] < time.time() + duration + 300:
+        return "its tokens expire too soon"
+    if meta["count"] < needed:
+        return f"it holds {meta['count']} tokens and this run needs {needed}"
+    if redis_url is not None and redis_url in meta.get("redis_spent", []):
+        return f"its tokens were already spent in {redis_url} (they would all be replays: 422)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# wrk
+
+
+@dataclasses.dataclass
+class WrkResult:
+    output: str
+    returncode: int
+    cpu_seconds: float
+    wall_seconds: float
+
+
+@dataclasses.dataclass
+class WrkStats:
+    requests_per_sec: float
+    requests: int
+    latency: dict[str, float]  # seconds: "avg" and percentiles "50", "75", "90", "99"
+    socket_errors: dict[str, int]
+    non_2xx_3xx: int
+    lua: dict[str, Any]
+
+    @property
+    def non200(self) -> int:
+        return int(self.lua.get("non200", self.non_2xx_3xx))
+
+    @property
+    def errors(self) -> int:
+        return self.non200 + sum(self.socket_errors.values())
+
+
+def run_wrk(url: str, *, duration: int, connections: int, threads: int, script_args: Sequence[str] = ()) -> WrkResult:
+    command = [
+        "wrk", f"--threads={threads}", f"--connections={connections}", f"--duration={duration}s",
+        "--latency", "--timeout=5s", f"--script={LUA_SCRIPT}", url,
+    ]  # fmt: skip
+    if script_args:
+        command += ["--", *script_args]
+    started = time.monotonic()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    output = proc.stdout.read().decode(errors="replace")
+    # wait4 rather than wait: its rusage says how much of the 2 cores the client itself took.
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return WrkResult(output, proc.returncode, usage.ru_utime + usage.ru_stime, time.monotonic() - started)
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_LATENCY_ROW = re.compile(r"^\s+Latency\s+([\d.]+)(us|ms|s|m|h)\s", re.M)
+_PERCENTILE = re.compile(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
+_REQUESTS = re.compile(r"^\s+(\d+) requests in ", re.M)
+_RATE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+_LUA = re.compile(r"^BENCH-LUA (\{.*\})$", re.M)
+
+
+def parse_wrk(output: str) -> WrkStats:
+    rate = _RATE.search(output)
+    requests = _REQUESTS.search(output)
+    if rate is None or requests is None:
+        raise ValueError(f"unrecognised wrk output:\n{output}")
+    latency = {p: float(v) * _UNITS[u] for p, v, u in _PERCENTILE.findall(output)}
+    avg = _LATENCY_ROW.search(output)
+    if avg:
+        latency["avg"] = float(avg.group(1)) * _UNITS[avg.group(2)]
+    socket_match = _SOCKET.search(output)
+    socket_errors = dict(
+        zip(("connect", "read", "write", "timeout"), map(int, socket_match.groups()), strict=True)
+        if socket_match
+        else {}
+    )
+    non_2xx = _NON_2XX.search(output)
+    lua = _LUA.search(output)
+    return WrkStats(
+        requests_per_sec=float(rate.group(1)),
+        requests=int(requests.group(1)),
+        latency=latency,
+        socket_errors=socket_errors,
+        non_2xx_3xx=int(non_2xx.group(1)) if non_2xx else 0,
+        lua=json.loads(lua.group(1)) if lua else {},
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring the gateway process
+
+
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants (uvicorn's worker processes when --workers > 1)."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pids[index]}/task").iterdir():
+                pids += [int(child) for child in (task / "children").read_text().split()]
+        index += 1
+    return pids
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            # Fields after the parenthesised command name; utime and stime are the 12th and 13th of those.
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def find_py_spy() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+# Buckets for the profile summary: a sample counts towards every bucket one of its frames matches (inclusive
+# time), so nested buckets (verify inside mint_token) are both shown. Matched against "function (file:line)".
+PROFILE_BUCKETS: list[tuple[str, re.Pattern[str]]] = [
+    (label, re.compile(pattern))
+    for label, pattern in [
+        ("uvicorn + httptools (HTTP parsing, transport)", r"uvicorn/protocols/"),
+        ("starlette (routing, request, response)", r"starlette/"),
+        ("routes.mint_token (whole handler)", r"^mint_token \(.*routes\.py"),
+        ("  read_body", r"^read_body \("),
+        ("  token_from (request JSON)", r"^token_from \("),
+        ("  exchange.verify (whole)", r"^verify \(.*exchange\.py"),
+        ("    jose.peek (split, b64, header+claims JSON)", r"^peek \(.*jose\.py"),
+        ("    keys.key (cache lookup)", r"^key \(.*keys\.py"),
+        ("    jose.Verifier.verify (signature + claims)", r"^verify \(.*gateway/jose\.py"),
+        ("      RSA verify (joserfc + cryptography)", r"^verify \(.*joserfc/_rfc7518/jws_algs\.py"),
+        ("      check_claims (joserfc claims registry)", r"^check_claims \("),
+        ("    gitlab identity", r"issuers/gitlab\.py"),
+        ("  publishers.match", r"^match \(.*(publishers|exchange)\.py"),
+        ("  store.spend", r"^spend \(.*store\.py"),
+        ("  mint.Signer.mint (ES256 sign + JSON)", r"^mint \(.*mint\.py"),
+        ("    ES256 sign (joserfc + cryptography)", r"^serialize_compact \("),
+        ("prometheus_client", r"prometheus_client/"),
+        ("logging", r"/logging/"),
+        ("json (any)", r"^(loads|dumps|decode|encode|raw_decode|iterencode) \(.*json/"),
+        ("JSONResponse.render", r"^render \(.*starlette/responses\.py"),
+        ("asyncio / uvloop event loop glue", r"asyncio/|uvloop"),
+    ]
+]
+
+
+def summarize_profile(path: Path, top: int = 20) -> str:
+    """Top functions by own time and the bucket breakdown, from py-spy's raw (collapsed stack) output."""
+    own: Counter[str] = Counter()
+    buckets: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        own[frames[-1]] += count
+        for label, pattern in PROFILE_BUCKETS:
+            if any(pattern.search(frame) for frame in frames):
+                buckets[label] += count
+    if total == 0:
+        return "profile: no samples"
+    lines = [f"profile: {total} busy samples (idle time in epoll is not sampled)", "", "inclusive time by area:"]
+    lines += [f"  {100 * buckets[label] / total:5.1f}%  {label}" for label, _ in PROFILE_BUCKETS]
+    lines += ["", f"top {top} functions by own time:"]
+    lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(top)]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "cpu": cpu,
+        "system": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "wrk": wrk_version.strip() or "wrk",
+    }
+
+
+def warm_up(base: str, tokens: Sequence[str]) -> None:
+    """Mint with tokens of its own, one connection each, so every worker has fetched the issuer's keys."""
+    for token in tokens:
+        request = urllib.request.Request(
+            base + MINT_PATH,
+            data=json.dumps({"token": token}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as e:
+            status, body = e.code, e.read()
+        if status != 200:
+            raise SystemExit(f"warm-up mint failed with {status}: {body.decode(errors='replace')[:500]}")
+
+
+@dataclasses.dataclass
+class Run:
+    stats: WrkStats
+    gateway_cpu: float  # share of one core the gateway used during the run
+    wrk_cpu: float
+
+
+def measure(
+    base: str, path: str, gateway: subprocess.Popen[bytes], args: argparse.Namespace, script_args: Sequence[str] = ()
+) -> Run:
+    pids = process_tree(gateway.pid)
+    before = cpu_seconds(pids)
+    result = run_wrk(
+        base + path, duration=args.duration, connections=args.connections, threads=args.threads, script_args=script_args
+    )
+    used = cpu_seconds(pids) - before
+    if result.returncode != 0:
+        raise SystemExit(f"wrk failed ({result.returncode}):\n{result.output}")
+    if args.verbose:
+        print(result.output)
+    return Run(parse_wrk(result.output), used / result.wall_seconds, result.cpu_seconds / result.wall_seconds)
+
+
+def format_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
+
+
+def report(info: dict[str, str], setup: dict[str, str], livez: Run, mint: Run, args: argparse.Namespace) -> str:
+    ratio = mint.stats.requests_per_sec / livez.stats.requests_per_sec if livez.stats.requests_per_sec else 0.0
+    lines = [
+        "gateway benchmark",
+        f"  machine : {info['nproc']} CPUs ({info['cpu']}), {info['system']}, {info['python']}, {info['wrk']}",
+        *(f"  {name:<8}: {value}" for name, value in setup.items()),
+        "",
+        f"  {'':<22}{'req/s':>10}{'p50':>12}{'p99':>12}{'non-200':>9}{'sock err':>10}{'gw CPU':>8}{'wrk CPU':>9}",
+    ]
+    for name, run in (("GET  /livez", livez), ("POST mint-token", mint)):
+        s = run.stats
+        lines.append(
+            f"  {name:<22}{s.requests_per_sec:>10,.0f}{format_ms(s.latency.get('50')):>12}"
+            f"{format_ms(s.latency.get('99')):>12}{s.non200:>9}{sum(s.socket_errors.values()):>10}"
+            f"{run.gateway_cpu:>7.0%}{run.wrk_cpu:>9.0%}"
+        )
+    lines += ["", f"  mint/livez ratio: {ratio:.2f}"]
+    met = "met" if mint.stats.requests_per_sec >= args.target else "NOT met"
+    lines.append(
+        f"  target {args.target:,} mints/s with {args.workers} worker(s): {met} "
+        f"({mint.stats.requests_per_sec / args.target:.0%} of target)"
+    )
+    statuses = mint.stats.lua.get("statuses", {})
+    if statuses:
+        lines.append(f"  mint statuses: {', '.join(f'{k}: {v}' for k, v in sorted(statuses.items()))}")
+    if mint.stats.lua.get("exhausted"):
+        lines.append(
+            f"  WARNING: all {mint.stats.lua.get('tokens_available')} tokens were used before the run ended; the mint "
+            "rate above is a lower bound. Rerun with a higher --rate (more tokens)."
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (default 1)")
+    parser.add_argument(
+        "--rate", type=int, default=TARGET_RATE, help=f"mints/s to sign tokens for (default {TARGET_RATE}); "
+        "tokens = rate x duration x 1.3",
+    )  # fmt: skip
+    parser.add_argument("--target", type=int, default=TARGET_RATE, help="mints/s the summary compares against")
+    parser.add_argument("--tokens", type=int, help="number of tokens to sign (overrides --rate)")
+    parser.add_argument(
+        "--tokens-file", type=Path, help="keep tokens here (with a .meta.json sidecar) and reuse them on later "
+        "runs instead of signing again; reuse needs the issuer port recorded in the sidecar to be free",
+    )  # fmt: skip
+    parser.add_argument("--sign-processes", type=int, default=os.cpu_count() or 1, help="signing processes")
+    parser.add_argument("--warmup", type=int, default=20, help="warm-up mints before measuring (default 20)")
+    parser.add_argument("--redis", metavar="URL", help="set redis_url so jtis are spent in Redis")
+    parser.add_argument(
+        "--profile", type=Path, metavar="FILE", help="record the gateway with py-spy during the mint run (raw "
+        "collapsed stacks, loadable in speedscope) and print where the time goes; slows the gateway a little",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--verbose", action="store_true", help="print wrk's own output")
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def running_issuer(key: RSAKey, port: int | None) -> Iterator[TestIssuer]:
+    issuer = start_issuer(key, port)
+    try:
+        yield issuer
+    finally:
+        issuer.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not on PATH; install it with: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    py_spy = find_py_spy() if args.profile else None
+    if args.profile and py_spy is None:
+        print("--profile needs py-spy: /work/venv/bin/pip install py-spy", file=sys.stderr)
+        return 2
+    if args.connections < args.threads:
+        print("--connections must be at least --threads", file=sys.stderr)
+        return 2
+
+    info = machine_info()
+    needed = args.tokens or math.ceil(args.rate * args.duration * 1.3)
+    setup: dict[str, str] = {
+        "gateway": f"{args.workers} worker(s), replay store "
+        + (f"Redis {args.redis}" if args.redis else "in memory"),
+        "wrk": f"{args.threads} thread(s), {args.connections} connections, {args.duration} s per run",
+    }
+
+    token_file = TokenFile(args.tokens_file) if args.tokens_file else None
+    meta = token_file.load_meta() if token_file else None
+    problem = reuse_problem(meta, needed=needed, duration=args.duration, redis_url=args.redis)
+    if token_file and problem:
+        print(f"not reusing {token_file.path}: {problem}; signing new tokens")
+    reuse = token_file is not None and meta is not None and problem is None
+    if reuse:
+        assert meta is not None
+        key = RSAKey.import_key(meta["key"])
+        issuer_port: int | None = meta["issuer_port"]
+    else:
+        key, issuer_port = new_bench_key(), None
+
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp, running_issuer(key, issuer_port) as issuer:
+        directory = Path(tmp)
+        now = int(time.time())
+        claims = token_claims(issuer, now)
+        if reuse:
+            assert token_file is not None and meta is not None
+            tokens_path = token_file.path
+            setup["tokens"] = f"{meta['count']:,} reused from {tokens_path}"
+        else:
+            print(f"signing {needed:,} tokens with {args.sign_processes} process(es)...", flush=True)
+            started = time.monotonic()
+            tokens = sign_tokens(key, claims, needed, args.sign_processes)
+            took = time.monotonic() - started
+            setup["tokens"] = f"{needed:,} signed in {took:.1f} s ({needed / took:,.0f}/s, {args.sign_processes} procs)"
+            if token_file is not None:
+                token_file.save(tokens, key, issuer.port, now + TOKEN_LIFETIME)
+                tokens_path = token_file.path
+            else:
+                tokens_path = directory / "tokens.txt"
+                tokens_path.write_text("\n".join(tokens) + "\n")
+            del tokens
+        # Warm-up tokens come from the same key and claims but are never in the file, so none is sent twice.
+        assert key.kid is not None
+        warm_tokens = TokenSigner(key.as_pem(private=True), key.kid).sign(claims, args.warmup)
+
+        port = free_port()
+        config = write_config(directory, issuer, gateway_port=port, redis_url=args.redis)
+        base = f"http://127.0.0.1:{port}"
+        gateway = start_gateway(config, port=port, workers=args.workers, log=directory / "gateway.log")
+        try:
+            warm_up(base, warm_tokens)
+            print(f"measuring GET {LIVEZ_PATH} for {args.duration} s...", flush=True)
+            livez = measure(base, LIVEZ_PATH, gateway, args)
+            profiler = None
+            if py_spy is not None:
+                profile_command = [
+                    py_spy, "record", "--pid", str(gateway.pid), "--format", "raw", "--rate", "200",
+                    "--duration", str(args.duration), "--output", str(args.profile),
+                ]  # fmt: skip
+                if args.workers > 1:
+                    profile_command.append("--subprocesses")
+                profiler = subprocess.Popen(profile_command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            print(f"measuring POST {MINT_PATH} for {args.duration} s...", flush=True)
+            mint = measure(base, MINT_PATH, gateway, args, script_args=[str(tokens_path), str(args.threads)])
+            if args.redis and token_file is not None:
+                token_file.mark_spent(args.redis)
+            if profiler is not None:
+                _, profile_errors = profiler.communicate(timeout=args.duration + 30)
+                if profiler.returncode != 0:
+                    print(f"py-spy failed: {profile_errors.decode(errors='replace')}", file=sys.stderr)
+                    profiler = None
+        finally:
+            stop_gateway(gateway)
+        if gateway.returncode not in (0, -signal.SIGINT):
+            print(f"gateway exited with {gateway.returncode}:\n{tail(directory / 'gateway.log')}", file=sys.stderr)
+
+    print()
+    print(report(info, setup, livez, mint, args))
+    if profiler is not None and args.profile is not None:
+        print()
+        print(summarize_profile(args.profile))
+        print(f"\n(raw stacks in {args.profile}; open them in https://www.speedscope.app)")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "setup": setup,
+                    "livez": dataclasses.asdict(livez),
+                    "mint": dataclasses.asdict(mint),
+                    "ratio": mint.stats.requests_per_sec / (livez.stats.requests_per_sec or 1),
+                },
+                indent=2,
+            )
+        )
+    failed = livez.stats.errors + mint.stats.errors > 0 or bool(mint.stats.lua.get("exhausted"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The `gateway` command line, run as real subprocesses: check, keygen and serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet, import_key
+
+from gateway.testing import TestIssuer, free_port
+from tests.conftest import PUBLISHER, gitlab_issuer, write_config
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    # The runner's own GATEWAY_* variables must not leak into what a test asserts about precedence.
+    return {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | extra
+
+
+def gateway_cli(*args: str, cwd: Path, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=cwd,
+        env=clean_environ() if environ is None else environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def good_config(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_config(directory, {"gitlab-com": {"url": "https://gitlab.com", "kind": "gitlab"}}, [PUBLISHER])
+
+
+def bad_config(directory: Path) -> Path:
+    """A config with exactly three problems: an unknown [gateway] key, an http issuer, an unknown publisher issuer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_config(
+        directory,
+        {"gitlab-com": {"url": "http://gitlab.com", "kind": "gitlab"}},
+        [PUBLISHER | {"issuer": "nowhere"}],
+        colour="blue",
+    )
+
+
+BAD_LINES = [
+    "issuers.toml: [gateway] colour: unknown key",
+    "issuers.toml: [issuers.gitlab-com] url: must be an https URL with no query or fragment (got 'http://gitlab.com')",
+    "publishers.toml: [[publisher]] #1 issuer: names no issuer in [issuers] (got 'nowhere')",
+]
+
+
+# --- check -------------------------------------------------------------------------------------------------------
+
+
+def test_check_accepts_a_valid_config(tmp_path: Path) -> None:
+    """`gateway check` exits 0 on a valid config and summarizes what it loaded."""
+    result = gateway_cli("check", "--config", str(good_config(tmp_path)), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok: 1 issuer(s) (gitlab-com), 1 publisher(s)"
+
+
+def test_check_accepts_the_repository_config(tmp_path: Path) -> None:
+    """`gateway check` exits 0 on the repository's own issuers.toml."""
+    result = gateway_cli("check", "--config", str(REPOSITORY / "issuers.toml"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(gitlab-com)" in result.stdout
+
+
+def test_check_reports_one_line_per_problem(tmp_path: Path) -> None:
+    """`gateway check` exits 1 on a bad config and prints one line per problem naming file, table and field."""
+    result = gateway_cli("check", "--config", str(bad_config(tmp_path)), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == BAD_LINES
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("option", "variable", "in_cwd", "returncode"),
+    [
+        pytest.param("good", "bad", "bad", 0, id="option-beats-variable"),
+        pytest.param("bad", "good", "good", 1, id="bad-option-beats-good-variable"),
+        pytest.param(None, "good", "bad", 0, id="variable-beats-cwd"),
+        pytest.param(None, "bad", "good", 1, id="bad-variable-beats-good-cwd"),
+        pytest.param(None, None, "good", 0, id="cwd-default"),
+        pytest.param(None, None, None, 1, id="nothing-found"),
+    ],
+)
+def test_check_config_path_precedence(
+    tmp_path: Path, option: str | None, variable: str | None, in_cwd: str | None, returncode: int
+) -> None:
+    """The config is --config, else $GATEWAY_CONFIG, else ./issuers.toml."""
+    paths = {"good": good_config(tmp_path / "good"), "bad": bad_config(tmp_path / "bad")}
+    cwd = tmp_path / in_cwd if in_cwd else tmp_path / "empty"
+    cwd.mkdir(exist_ok=True)
+    args = ["check"] + (["--config", str(paths[option])] if option else [])
+    environ = clean_environ(GATEWAY_CONFIG=str(paths[variable])) if variable else clean_environ()
+    result = gateway_cli(*args, cwd=cwd, environ=environ)
+    assert result.returncode == returncode, result.stderr
+    if in_cwd is None:
+        assert result.stderr.startswith("issuers.toml: file: not found"), result.stderr
+
+
+# --- keygen ------------------------------------------------------------------------------------------------------
+
+
+def keygen(tmp_path: Path, *extra: str, name: str = "signing-key.json") -> tuple[Path, dict[str, Any]]:
+    out = tmp_path / name
+    result = gateway_cli("keygen", "--out", str(out), *extra, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return out, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    ("extra", "kty", "crv"),
+    [
+        pytest.param((), "EC", "P-256", id="default-es256"),
+        pytest.param(("--alg", "Ed25519"), "OKP", "Ed25519", id="ed25519"),
+    ],
+)
+def test_keygen_writes_private_jwk_with_mode_0600(tmp_path: Path, extra: tuple[str, ...], kty: str, crv: str) -> None:
+    """`gateway keygen --out` writes a private JWK of the chosen curve, mode 0600, with kid = RFC 7638 thumbprint."""
+    out, document = keygen(tmp_path, *extra)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert (document["kty"], document["crv"]) == (kty, crv)
+    assert "d" in document
+    key = import_key(document)
+    assert key.is_private
+    assert document["kid"] == key.thumbprint()
+
+
+def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
+    """`gateway keygen --out` exits 1 and leaves the file alone when it already exists."""
+    out = tmp_path / "signing-key.json"
+    out.write_text("the key in use\n")
+    result = gateway_cli("keygen", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "refusing to overwrite" in result.stderr
+    assert out.read_text() == "the key in use\n"
+
+
+def test_keygen_without_out_prints_the_jwk(tmp_path: Path) -> None:
+    """`gateway keygen` with no --out prints the private JWK on standard output and writes no file."""
+    result = gateway_cli("keygen", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert (document["kty"], document["crv"], document["kid"]) == ("EC", "P-256", import_key(document).thumbprint())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [pytest.param((), id="es256"), pytest.param(("--alg", "Ed25519"), id="ed25519")])
+async def test_keygen_key_works_as_signing_key(
+    tmp_path: Path, make_gateway: Any, issuer: TestIssuer, extra: tuple[str, ...]
+) -> None:
+    """A `gateway keygen` key works as signing_key: the JWKS publishes its kid and minted tokens verify with it."""
+    out, document = keygen(tmp_path, *extra)
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)}, signing_key=str(out))
+    jwks = (await gateway.client.get("/.well-known/jwks.json")).json()
+    assert [key["kid"] for key in jwks["keys"]] == [document["kid"]]
+    assert "d" not in jwks["keys"][0]
+    response = await gateway.mint(issuer.gitlab_token())
+    assert response.status_code == 200, response.text
+    algorithm = "ES256" if document["kty"] == "EC" else "Ed25519"
+    decoded = jwt.decode(response.json()["token"], import_key(document), algorithms=[algorithm])
+    assert decoded.header["kid"] == document["kid"]
+
+
+# --- serve -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path, issuer: TestIssuer) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """`gateway serve` as a real uvicorn process trusting the test issuer; yields (process, base url, log file)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    path = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], url=base)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)],
+            cwd=tmp_path,
+            env=clean_environ(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process, base, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def wait_until_live(client: httpx.Client, process: subprocess.Popen[bytes], log: Path) -> None:
+    # Waiting on another process to bind its socket, not time logic: there is no clock to advance here.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"gateway serve exited early:\n{log.read_text()}"
+        try:
+            if client.get("/livez").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    pytest.fail(f"gateway serve did not come up:\n{log.read_text()}")
+
+
+def test_serve_mints_over_a_real_socket_and_stops_on_sigterm(
+    served: tuple[subprocess.Popen[bytes], str, Path], issuer: TestIssuer
+) -> None:
+    """`gateway serve` mints a token for a real ID token over TCP, verifiable with its JWKS, and exits 0 on SIGTERM."""
+    process, base, log = served
+    with httpx.Client(base_url=base, timeout=10) as client:
+        wait_until_live(client, process, log)
+        response = client.post("/_/oidc/mint-token", json={"token": issuer.gitlab_token()})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["success"] is True
+        assert body["projects"] == ["sampleproject"]
+        discovery = client.get("/.well-known/openid-configuration").json()
+        assert discovery["jwks_uri"] == f"{base}/.well-known/jwks.json"
+        jwks = KeySet.import_key_set(client.get("/.well-known/jwks.json").json())
+    decoded = jwt.decode(body["token"], jwks, algorithms=["ES256"])
+    assert decoded.claims["iss"] == base
+    assert decoded.claims["aud"] == "pypi"
+    assert decoded.claims["sub"] == "gitlab-com:group/project"
+    assert decoded.claims["projects"] == ["sampleproject"]
+    assert decoded.claims["exp"] == body["expires"]
+    assert decoded.claims["identity"]["issuer_url"] == issuer.url
+
+    process.send_signal(signal.SIGTERM)
+    try:
+        returncode = process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"gateway serve ignored SIGTERM:\n{log.read_text()}")
+    output = log.read_text()
+    assert "Application shutdown complete" in output, output
+    # A supervisor reads a nonzero status (or death by signal) as a crash, so a clean stop must exit 0.
+    assert returncode == 0, f"exit status {returncode} after a graceful shutdown"
+
+
+def test_serve_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
+    """`gateway serve` with a bad config prints every problem, exits 1 and never starts a server."""
+    port = free_port()
+    result = gateway_cli("serve", "--config", str(bad_config(tmp_path)), "--port", str(port), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == BAD_LINES
+    assert "Uvicorn running" not in result.stdout + result.stderr
