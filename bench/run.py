@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import multiprocessing
@@ -159,10 +160,10 @@ def start_gateway(config: Path, *, port: int, workers: int, log: Path) -> subpro
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"gateway exited with {proc.returncode} during startup:\n{tail(log)}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{LIVEZ_PATH}", timeout=1) as response:
-                if response.status == 200:
-                    return proc
+        livez = f"http://127.0.0.1:{port}{LIVEZ_PATH}"
+        with contextlib.suppress(OSError), urllib.request.urlopen(livez, timeout=1) as response:
+            if response.status == 200:
+                return proc
         time.sleep(0.1)
     stop_gateway(proc)
     raise SystemExit(f"gateway did not answer {LIVEZ_PATH} within 30 s:\n{tail(log)}")
@@ -418,40 +419,58 @@ def find_py_spy() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
-# Buckets for the profile summary: a sample counts towards every bucket one of its frames matches (inclusive
-# time), so nested buckets (verify inside mint_token) are both shown. Matched against "function (file:line)".
-PROFILE_BUCKETS: list[tuple[str, re.Pattern[str]]] = [
+# Where a mint's time goes, as py-spy names frames ("Class.method (path:line)"). Steps are inclusive: a sample
+# counts towards every step on its stack, so nested steps (the RSA check inside Verifier.verify) both show.
+PROFILE_STEPS: list[tuple[str, re.Pattern[str]]] = [
     (label, re.compile(pattern))
     for label, pattern in [
-        ("uvicorn + httptools (HTTP parsing, transport)", r"uvicorn/protocols/"),
-        ("starlette (routing, request, response)", r"starlette/"),
-        ("routes.mint_token (whole handler)", r"^mint_token \(.*routes\.py"),
-        ("  read_body", r"^read_body \("),
-        ("  token_from (request JSON)", r"^token_from \("),
-        ("  exchange.verify (whole)", r"^verify \(.*exchange\.py"),
-        ("    jose.peek (split, b64, header+claims JSON)", r"^peek \(.*jose\.py"),
-        ("    keys.key (cache lookup)", r"^key \(.*keys\.py"),
-        ("    jose.Verifier.verify (signature + claims)", r"^verify \(.*gateway/jose\.py"),
-        ("      RSA verify (joserfc + cryptography)", r"^verify \(.*joserfc/_rfc7518/jws_algs\.py"),
-        ("      check_claims (joserfc claims registry)", r"^check_claims \("),
-        ("    gitlab identity", r"issuers/gitlab\.py"),
-        ("  publishers.match", r"^match \(.*(publishers|exchange)\.py"),
-        ("  store.spend", r"^spend \(.*store\.py"),
-        ("  mint.Signer.mint (ES256 sign + JSON)", r"^mint \(.*mint\.py"),
-        ("    ES256 sign (joserfc + cryptography)", r"^serialize_compact \("),
-        ("prometheus_client", r"prometheus_client/"),
-        ("logging", r"/logging/"),
-        ("json (any)", r"^(loads|dumps|decode|encode|raw_decode|iterencode) \(.*json/"),
-        ("JSONResponse.render", r"^render \(.*starlette/responses\.py"),
-        ("asyncio / uvloop event loop glue", r"asyncio/|uvloop"),
+        ("Endpoints.mint_token (the whole handler)", r"^Endpoints\.mint_token \("),
+        ("  read_body (request.stream)", r"^read_body \("),
+        ("  token_from (strict JSON of the body)", r"^token_from \("),
+        ("  Exchange.verify", r"^Exchange\.verify \("),
+        ("    jose.peek (split, base64, strict JSON x2)", r"^peek \(gateway/jose"),
+        ("    Keys.key (cache hit)", r"^Keys\.key \("),
+        ("    Verifier.verify", r"^Verifier\.verify \("),
+        ("      RSA signature (joserfc -> cryptography)", r"^_RSAAlgModel\.verify \("),
+        ("      Verifier.check_claims (+ joserfc claims registry)", r"^Verifier\.check_claims \("),
+        ("    GitLab claims -> Identity", r"\(gateway/issuers/gitlab\.py"),
+        ("  Exchange.match (publishers)", r"^Exchange\.match \("),
+        ("  jti_key + store.spend", r"^jti_key \(|^\w*Store\.spend \("),
+        ("  Signer.mint", r"^Signer\.mint \("),
+        ("    ES256 signature (joserfc -> cryptography)", r"^ESAlgorithm\.sign \("),
+        ("    uuid4 jti", r"^uuid4 \("),
+        ("    json.dumps of the claims", r"^Signer\.mint .*;dumps \(json/"),
+        ("  JSONResponse (json.dumps of the answer)", r"^JSONResponse\.(__init__|render) \("),
+        ("  prometheus_client (counter + histogram)", r"\(prometheus_client/"),
+        ("  logging", r"\(logging/"),
+    ]
+]
+
+# Areas are exclusive: a sample goes to the first area found walking from the innermost frame outwards, so
+# stdlib work is charged to JSON/base64 if it is that, else to whichever package called it.
+PROFILE_AREAS: list[tuple[str, re.Pattern[str]]] = [
+    (label, re.compile(pattern))
+    for label, pattern in [
+        ("RSA verify (cryptography)", r"^_RSAAlgModel\.verify \("),
+        ("ES256 sign (cryptography)", r"^ESAlgorithm\.sign \("),
+        ("json encode/decode", r"\(json/"),
+        ("base64", r"\(base64\.py"),
+        ("prometheus_client", r"\(prometheus_client/"),
+        ("logging", r"\(logging/"),
+        ("joserfc (other)", r"\(joserfc/"),
+        ("gateway code (and stdlib it calls)", r"\(gateway/"),
+        ("starlette (middleware, routing, request/response)", r"\(starlette/"),
+        ("uvicorn + httptools (parsing, socket writes)", r"\(uvicorn/"),
+        ("event loop (uvloop/asyncio, socket reads)", r"\(asyncio/|uvloop"),
     ]
 ]
 
 
-def summarize_profile(path: Path, top: int = 20) -> str:
-    """Top functions by own time and the bucket breakdown, from py-spy's raw (collapsed stack) output."""
+def summarize_profile(path: Path, top: int = 15) -> str:
+    """Steps, areas and top functions by own time, from py-spy's raw (collapsed stack) output."""
     own: Counter[str] = Counter()
-    buckets: Counter[str] = Counter()
+    steps: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -461,15 +480,23 @@ def summarize_profile(path: Path, top: int = 20) -> str:
         frames = stack.split(";")
         total += count
         own[frames[-1]] += count
-        for label, pattern in PROFILE_BUCKETS:
-            if any(pattern.search(frame) for frame in frames):
-                buckets[label] += count
+        # A pattern may span two frames (mint;dumps), so steps also look at adjacent pairs.
+        pairs = [f"{a};{b}" for a, b in itertools.pairwise(frames)]
+        for label, pattern in PROFILE_STEPS:
+            if any(pattern.search(frame) for frame in frames) or any(pattern.search(pair) for pair in pairs):
+                steps[label] += count
+        innermost = (label for frame in reversed(frames) for label, p in PROFILE_AREAS if p.search(frame))
+        areas[next(innermost, "other")] += count
     if total == 0:
         return "profile: no samples"
-    lines = [f"profile: {total} busy samples (idle time in epoll is not sampled)", "", "inclusive time by area:"]
-    lines += [f"  {100 * buckets[label] / total:5.1f}%  {label}" for label, _ in PROFILE_BUCKETS]
-    lines += ["", f"top {top} functions by own time:"]
-    lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(top)]
+
+    def pct(n: int) -> str:
+        return f"{100 * n / total:5.1f}%"
+
+    lines = [f"profile: {total} samples of the busy gateway (time idle in epoll is not sampled)", ""]
+    lines += ["mint pipeline, inclusive:"] + [f"  {pct(steps[label])}  {label}" for label, _ in PROFILE_STEPS]
+    lines += ["", "by area, exclusive:"] + [f"  {pct(n)}  {label}" for label, n in areas.most_common()]
+    lines += ["", f"top {top} functions by own time:"] + [f"  {pct(n)}  {frame}" for frame, n in own.most_common(top)]
     return "\n".join(lines)
 
 
@@ -490,21 +517,23 @@ def machine_info() -> dict[str, str]:
         "cpu": cpu,
         "system": f"{platform.system()} {platform.release()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "wrk": wrk_version.strip() or "wrk",
+        # "wrk 4.1.0 [epoll] Copyright (C) 2012 Will Glozer": the version is what matters.
+        "load": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "wrk": wrk_version.partition(" Copyright")[0].strip() or "wrk",
     }
 
 
 def warm_up(base: str, tokens: Sequence[str]) -> None:
     """Mint with tokens of its own, one connection each, so every worker has fetched the issuer's keys."""
     for token in tokens:
-        request = urllib.request.Request(
+        request = urllib.request.Request(  # noqa: S310 -- an http URL this script built
             base + MINT_PATH,
             data=json.dumps({"token": token}).encode(),
             headers={"Content-Type": "application/json"},
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 -- as above
                 status, body = response.status, response.read()
         except urllib.error.HTTPError as e:
             status, body = e.code, e.read()
@@ -515,24 +544,44 @@ def warm_up(base: str, tokens: Sequence[str]) -> None:
 @dataclasses.dataclass
 class Run:
     stats: WrkStats
-    gateway_cpu: float  # share of one core the gateway used during the run
-    wrk_cpu: float
+    wall_seconds: float
+    gateway_cpu_seconds: float
+    wrk_cpu_seconds: float
+    # Everything else the machine ran meanwhile (other people's jobs, this script): the noise in the numbers.
+    other_cpu_seconds: float
+
+    @property
+    def cpu_per_request(self) -> float:
+        # Gateway CPU per answered request: much steadier than req/s when something else shares the machine.
+        return self.gateway_cpu_seconds / self.stats.requests if self.stats.requests else 0.0
+
+
+def machine_busy_seconds() -> float:
+    # /proc/stat "cpu" line: user nice system idle iowait irq softirq steal ...; busy is all but idle and iowait.
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(
     base: str, path: str, gateway: subprocess.Popen[bytes], args: argparse.Namespace, script_args: Sequence[str] = ()
 ) -> Run:
     pids = process_tree(gateway.pid)
-    before = cpu_seconds(pids)
+    gateway_before, machine_before = cpu_seconds(pids), machine_busy_seconds()
     result = run_wrk(
         base + path, duration=args.duration, connections=args.connections, threads=args.threads, script_args=script_args
     )
-    used = cpu_seconds(pids) - before
+    gateway_used, machine_used = cpu_seconds(pids) - gateway_before, machine_busy_seconds() - machine_before
     if result.returncode != 0:
         raise SystemExit(f"wrk failed ({result.returncode}):\n{result.output}")
     if args.verbose:
         print(result.output)
-    return Run(parse_wrk(result.output), used / result.wall_seconds, result.cpu_seconds / result.wall_seconds)
+    return Run(
+        stats=parse_wrk(result.output),
+        wall_seconds=result.wall_seconds,
+        gateway_cpu_seconds=gateway_used,
+        wrk_cpu_seconds=result.cpu_seconds,
+        other_cpu_seconds=max(0.0, machine_used - gateway_used - result.cpu_seconds),
+    )
 
 
 def format_ms(seconds: float | None) -> str:
@@ -544,22 +593,29 @@ def report(info: dict[str, str], setup: dict[str, str], livez: Run, mint: Run, a
     lines = [
         "gateway benchmark",
         f"  machine : {info['nproc']} CPUs ({info['cpu']}), {info['system']}, {info['python']}, {info['wrk']}",
+        f"  load    : {info['load']} (1/5/15 min load average before the run)",
         *(f"  {name:<8}: {value}" for name, value in setup.items()),
         "",
-        f"  {'':<22}{'req/s':>10}{'p50':>12}{'p99':>12}{'non-200':>9}{'sock err':>10}{'gw CPU':>8}{'wrk CPU':>9}",
+        # CPU columns are shares of one core over the run; "other" is everything but the gateway and wrk.
+        f"  {'':<17}{'req/s':>8}{'p50':>10}{'p99':>10}{'non-200':>8}{'sockerr':>8}"
+        f"{'gw CPU':>7}{'wrk':>6}{'other':>6}{'gw CPU/req':>12}",
     ]
     for name, run in (("GET  /livez", livez), ("POST mint-token", mint)):
         s = run.stats
         lines.append(
-            f"  {name:<22}{s.requests_per_sec:>10,.0f}{format_ms(s.latency.get('50')):>12}"
-            f"{format_ms(s.latency.get('99')):>12}{s.non200:>9}{sum(s.socket_errors.values()):>10}"
-            f"{run.gateway_cpu:>7.0%}{run.wrk_cpu:>9.0%}"
+            f"  {name:<17}{s.requests_per_sec:>8,.0f}{format_ms(s.latency.get('50')):>10}"
+            f"{format_ms(s.latency.get('99')):>10}{s.non200:>8}{sum(s.socket_errors.values()):>8}"
+            f"{run.gateway_cpu_seconds / run.wall_seconds:>7.0%}{run.wrk_cpu_seconds / run.wall_seconds:>6.0%}"
+            f"{run.other_cpu_seconds / run.wall_seconds:>6.0%}{run.cpu_per_request * 1e6:>9.0f} us"
         )
-    lines += ["", f"  mint/livez ratio: {ratio:.2f}"]
+    cost = mint.cpu_per_request / livez.cpu_per_request if livez.cpu_per_request else 0.0
+    lines += ["", f"  mint/livez ratio: {ratio:.2f} by req/s; a mint costs {cost:.1f}x a livez in gateway CPU"]
+    # What one worker would do with a whole core to itself, from the CPU it spent per mint.
+    per_worker = 1 / mint.cpu_per_request if mint.cpu_per_request else 0.0
     met = "met" if mint.stats.requests_per_sec >= args.target else "NOT met"
     lines.append(
         f"  target {args.target:,} mints/s with {args.workers} worker(s): {met} "
-        f"({mint.stats.requests_per_sec / args.target:.0%} of target)"
+        f"({mint.stats.requests_per_sec / args.target:.0%}); one worker on a whole core: ~{per_worker:,.0f} mints/s"
     )
     statuses = mint.stats.lua.get("statuses", {})
     if statuses:
@@ -569,6 +625,8 @@ def report(info: dict[str, str], setup: dict[str, str], livez: Run, mint: Run, a
             f"  WARNING: all {mint.stats.lua.get('tokens_available')} tokens were used before the run ended; the mint "
             "rate above is a lower bound. Rerun with a higher --rate (more tokens)."
         )
+    if max(livez.other_cpu_seconds / livez.wall_seconds, mint.other_cpu_seconds / mint.wall_seconds) > 0.15:
+        lines.append("  NOTE: something else used the CPUs during the run; req/s is noisy, CPU/req less so.")
     return "\n".join(lines)
 
 
@@ -625,8 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info()
     needed = args.tokens or math.ceil(args.rate * args.duration * 1.3)
     setup: dict[str, str] = {
-        "gateway": f"{args.workers} worker(s), replay store "
-        + (f"Redis {args.redis}" if args.redis else "in memory"),
+        "gateway": f"{args.workers} worker(s), replay store " + (f"Redis {args.redis}" if args.redis else "in memory"),
         "wrk": f"{args.threads} thread(s), {args.connections} connections, {args.duration} s per run",
     }
 

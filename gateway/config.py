@@ -26,9 +26,9 @@ from .publishers import Publisher, normalize_project, under_namespaces
 DEFAULT_CONFIG = "issuers.toml"
 
 # Algorithms an issuer may list. Symmetric ones and `none` can never be listed: an HMAC "key" taken from a
-# public JWKS is public, so anyone could sign with it.
+# public JWKS is public, so anyone could sign with it. EdDSA is listed under RFC 9864's fully specified name.
 ASYMMETRIC_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519"}
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "Ed25519"}
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")

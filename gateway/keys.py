@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 
 import httpx
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, Key, OKPKey, RSAKey, import_key
+from joserfc.jwk import Key, import_key
+from joserfc.jws import JWSRegistry
 
 from .config import Issuer
 from .errors import InvalidToken, IssuerUnavailable
@@ -38,14 +39,6 @@ PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 # not asked again on every request. Unknown-kid refreshes have their own, longer cooldown.
 FAILURE_BACKOFF = 5.0
 
-_KEY_TYPES: Mapping[str, tuple[type[Key], ...]] = {
-    "RS": (RSAKey,),
-    "PS": (RSAKey,),
-    "ES": (ECKey,),
-    "Ed": (OKPKey,),
-}
-
-
 class FetchError(Exception):
     """An issuer's discovery or key set could not be had; the message is for operators and logs."""
 
@@ -60,30 +53,34 @@ class KeySet:
     jwks: tuple[Mapping[str, Any], ...] = ()
 
 
-def key_types(algorithms: tuple[str, ...]) -> tuple[type[Key], ...]:
-    return tuple({t for alg in algorithms for t in _KEY_TYPES.get(alg[:2], ())})
+def fits(key: Key, algorithms: tuple[str, ...]) -> bool:
+    """Whether one of the algorithms can verify with this key: type and curve (P-384 is no ES256 key)."""
+    for name in algorithms:
+        try:
+            JWSRegistry.algorithms[name].check_key(key)
+        except (JoseError, KeyError):
+            continue
+        return True
+    return False
 
 
 def parse_jwks(document: Any, algorithms: tuple[str, ...]) -> tuple[dict[str, Key], list[str]]:
     """Validate a JWKS document; returns the usable keys by kid and a reason for each key dropped."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise FetchError("JWKS is not an object with a 'keys' list")
+    entries = document["keys"]
+    kids = [raw.get("kid") if isinstance(raw, dict) else None for raw in entries]
     keys: dict[str, Key] = {}
     dropped: list[str] = []
-    duplicates: set[str] = set()
-    for number, raw in enumerate(document["keys"], start=1):
-        kid = raw.get("kid") if isinstance(raw, dict) else None
+    for number, (raw, kid) in enumerate(zip(entries, kids, strict=True), start=1):
         name = f"key {kid!r}" if isinstance(kid, str) else f"key #{number}"
-        key, reason = _import(raw, kid, algorithms)
-        if key is None:
-            dropped.append(f"{name}: {reason}")
-            continue
-        assert isinstance(kid, str)
-        if kid in keys or kid in duplicates:
-            # Two keys under one kid make the choice of key ambiguous; trust neither.
-            duplicates.add(kid)
-            keys.pop(kid, None)
+        if isinstance(kid, str) and kids.count(kid) > 1:
+            # Two entries under one kid make the choice of key ambiguous; trust none of them.
             dropped.append(f"{name}: duplicate kid")
+            continue
+        key, reason = _import(raw, kid, algorithms)
+        if key is None or not isinstance(kid, str):
+            dropped.append(f"{name}: {reason}")
             continue
         keys[kid] = key
     return keys, dropped
@@ -97,8 +94,8 @@ def _import(raw: Any, kid: Any, algorithms: tuple[str, ...]) -> tuple[Key | None
         key = import_key(raw)
     except (JoseError, ValueError, TypeError, KeyError) as e:
         return None, f"malformed ({e})"
-    if not isinstance(key, key_types(algorithms)):
-        return None, f"key type {raw['kty']} does not fit the algorithms {', '.join(algorithms)}"
+    if not fits(key, algorithms):
+        return None, f"{raw['kty']} key does not fit the algorithms {', '.join(algorithms)}"
     return key, ""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+import trustme
 
 from gateway.testing import free_port
 
@@ -24,18 +26,65 @@ REDIS_SERVER = shutil.which("redis-server")
 
 
 class RedisServer:
-    """One `redis-server` process on 127.0.0.1, on a fixed free port, started and stopped at will."""
+    """One `redis-server` process on 127.0.0.1, on a fixed free port, started and stopped at will.
 
-    def __init__(self, port: int | None = None, directory: Path | None = None) -> None:
+    With `tls`, it speaks only TLS (certificate from that CA); with `unix`, it listens only on a Unix socket.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        directory: Path | None = None,
+        *,
+        tls: trustme.CA | None = None,
+        unix: bool = False,
+    ) -> None:
         self.port = port or free_port()
         self._own_dir = directory is None
         self.directory = directory or Path(tempfile.mkdtemp(prefix="gateway-redis-"))
+        self.tls = tls
+        self.unix = unix
         self.process: subprocess.Popen[bytes] | None = None
         self.paused = False
 
     @property
+    def socket_path(self) -> Path:
+        return self.directory / "redis.sock"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
     def url(self) -> str:
+        """The URL an operator would put in `redis_url` (redis-py syntax)."""
+        if self.unix:
+            return f"unix://{self.socket_path}?db=0"
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca_path}"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def _options(self) -> dict[str, str]:
+        # Nothing persisted and loopback only: the process and its memory are all there is.
+        options = {"port": str(self.port), "bind": "127.0.0.1", "save": "", "appendonly": "no"}
+        options |= {"dir": str(self.directory), "protected-mode": "no"}
+        if self.unix:
+            options |= {"port": "0", "unixsocket": str(self.socket_path), "unixsocketperm": "700"}
+        if self.tls is not None:
+            self.ca_path.write_bytes(self.tls.cert_pem.bytes())
+            leaf = self.tls.issue_cert("127.0.0.1", "localhost")
+            leaf.private_key_pem.write_to_path(str(self.directory / "key.pem"))
+            (self.directory / "cert.pem").write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+            # TLS only: the plain port is off, so a client that is not speaking TLS cannot get through.
+            options |= {
+                "port": "0",
+                "tls-port": str(self.port),
+                "tls-cert-file": str(self.directory / "cert.pem"),
+                "tls-key-file": str(self.directory / "key.pem"),
+                "tls-ca-cert-file": str(self.ca_path),
+                "tls-auth-clients": "no",
+            }
+        return options
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         if self.process is not None:
@@ -43,15 +92,7 @@ class RedisServer:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed")
         log = (self.directory / "redis.log").open("ab")
-        # Nothing persisted and loopback only: the process and its memory are all there is.
-        options = {
-            "port": str(self.port),
-            "bind": "127.0.0.1",
-            "save": "",
-            "appendonly": "no",
-            "dir": str(self.directory),
-            "protected-mode": "no",
-        }
+        options = self._options()
         args = [REDIS_SERVER] + [part for name, value in options.items() for part in (f"--{name}", value)]
         self.process = subprocess.Popen(args, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -88,15 +129,34 @@ class RedisServer:
 
     def answers_ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with self._connect() as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
             return False
 
+    def _connect(self) -> socket.socket:
+        if self.unix:
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                raw.settimeout(0.5)
+                raw.connect(str(self.socket_path))
+            except BaseException:
+                raw.close()
+                raise
+            return raw
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+        if self.tls is None:
+            return raw
+        try:
+            return ssl.create_default_context(cafile=str(self.ca_path)).wrap_socket(raw, server_hostname="127.0.0.1")
+        except BaseException:
+            raw.close()
+            raise
+
     def client(self) -> redis.Redis:
         """A plain synchronous client for inspecting the server from a test (not the code under test)."""
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis.from_url(self.url, socket_timeout=5)
 
     def close(self) -> None:
         self.stop()

@@ -40,10 +40,9 @@ def redis_server(module_redis: RedisServer) -> Iterator[RedisServer]:
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A Redis for one test, which it may kill, restart or freeze."""
-    server = RedisServer().start()
-    yield server
-    server.resume()
-    server.close()
+    # Closing kills it even if the test left it frozen.
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture
