@@ -82,20 +82,25 @@ class SharedKeys:
         upstream: Callable[[], Awaitable[KeySet]],
     ) -> KeySet:
         since = known.fetched_at if known is not None else float("-inf")
-        if reason == "kid":
-            # One unknown-kid refresh per issuer per cooldown across all replicas. A replica that loses the race
-            # adopts whatever the winner fetched instead of asking the issuer again.
-            if await self.state.acquire(f"cooldown:{issuer}", self.cooldown) is None:
-                return await self._adopt_after_lock(issuer, algorithms, known)
-        else:
-            shared = await self._read(issuer, algorithms)
-            if shared is not None and shared.fetched_at > since and self.clock() - shared.fetched_at < self.ttl:
+        if reason != "kid":
+            shared = self._fresh(await self._read(issuer, algorithms), since)
+            if shared is not None:
                 return shared
         lock = f"lock:{issuer}"
         token = await self.state.acquire(lock, self.timeout + 1)
         if token is None:
-            return await self._adopt_after_lock(issuer, algorithms, known, newer_than=since)
+            return await self._after_lock(issuer, algorithms, known, since, reason)
         try:
+            if reason == "kid":
+                # One unknown-kid refresh per issuer per cooldown across all replicas. Taken under the lock, so
+                # a replica that loses it waits for the fetch the winner makes, then adopts its result.
+                if await self.state.acquire(f"cooldown:{issuer}", self.cooldown) is None:
+                    return _newest(await self._read(issuer, algorithms), known)
+            else:
+                # The previous holder of the lock may have finished just before we took it.
+                shared = self._fresh(await self._read(issuer, algorithms), since)
+                if shared is not None:
+                    return shared
             key_set = await upstream()
             await self.state.put(f"keys:{issuer}", dump(key_set), self.max_age)
             return key_set
@@ -103,33 +108,39 @@ class SharedKeys:
             with contextlib.suppress(StoreUnavailable):  # else the lock expires by itself
                 await self.state.release(lock, token)
 
-    async def _adopt_after_lock(
-        self,
-        issuer: str,
-        algorithms: tuple[str, ...],
-        known: KeySet | None,
-        newer_than: float | None = None,
+    def _fresh(self, shared: KeySet | None, since: float) -> KeySet | None:
+        """The shared set if it is newer than ours and not yet due for a refresh itself."""
+        if shared is not None and shared.fetched_at > since and self.clock() - shared.fetched_at < self.ttl:
+            return shared
+        return None
+
+    async def _after_lock(
+        self, issuer: str, algorithms: tuple[str, ...], known: KeySet | None, since: float, reason: str
     ) -> KeySet:
-        """Wait while another replica holds the refresh lock, then take the newest shared set."""
+        """Wait while another replica holds the refresh lock, then take what it published."""
         try:
             async with asyncio.timeout(self.timeout + 1):
                 while await self.state.get(f"lock:{issuer}") is not None:
-                    if newer_than is not None:
-                        shared = await self._read(issuer, algorithms)
-                        if shared is not None and shared.fetched_at > newer_than:
-                            return shared
+                    shared = await self._read(issuer, algorithms)
+                    if shared is not None and shared.fetched_at > since:
+                        return shared
                     await asyncio.sleep(POLL)
         except TimeoutError:
             raise FetchError("timed out waiting for another replica's refresh of this issuer's keys") from None
         shared = await self._read(issuer, algorithms)
-        if newer_than is None:
-            candidates = [s for s in (shared, known) if s is not None]
-            if candidates:
-                return max(candidates, key=lambda s: s.fetched_at)
-        elif shared is not None and shared.fetched_at > newer_than:
+        if shared is not None and shared.fetched_at > since:
             return shared
+        if reason == "kid":
+            return _newest(shared, known)
         raise FetchError("another replica's refresh of this issuer's keys did not succeed")
 
     async def _read(self, issuer: str, algorithms: tuple[str, ...]) -> KeySet | None:
         raw = await self.state.get(f"keys:{issuer}")
         return None if raw is None else load(raw, algorithms)
+
+
+def _newest(*candidates: KeySet | None) -> KeySet:
+    present = [c for c in candidates if c is not None]
+    if not present:
+        raise FetchError("no key set for this issuer is available from any replica")
+    return max(present, key=lambda c: c.fetched_at)

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from cachetools import TLRUCache
+from cachetools import TLRUCache, TTLCache
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -81,11 +81,29 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Shared state for replicas. Every call is bounded by `timeout`, so a hung Redis cannot hang a request."""
+    """Shared state for replicas. Every call has a deadline, so a hung Redis cannot hang a request.
 
-    # Deletes the lock only if it still holds our token: a lock that expired and was taken by another replica
-    # must not be released by the first owner.
-    _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+    A spend that times out may still be carried out when Redis wakes up, although the client was told its token
+    was refused. So each spend writes a random attempt id, and an attempt that ended in an error is *unresolved*:
+    the same replica lets a retry take its place at once, and a background task deletes it (only if it is still
+    that attempt) once Redis answers again, so a retry at any replica succeeds. No minted token ever stems from
+    an unresolved attempt, so neither opens a replay.
+    """
+
+    # Deletes the key only if it still holds our value: a lock that expired and was taken by another replica
+    # must not be released by the first owner, nor a later spend undone.
+    _DELETE_IF = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+    # SET NX, except that one of this replica's unresolved attempts (ARGV[3..]) may be replaced.
+    _SPEND_OVER = """
+        local held = redis.call('get', KEYS[1])
+        if held then
+            local replaceable = false
+            for i = 3, #ARGV do if held == ARGV[i] then replaceable = true end end
+            if not replaceable then return 0 end
+        end
+        redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+        return 1
+    """
 
     def __init__(
         self,
@@ -94,25 +112,30 @@ class RedisStore:
         clock: Callable[[], float],
         fallback: bool = False,
         timeout: float = 0.5,
+        deadline: float = 3.0,
         prefix: str = "gateway:",
     ) -> None:
         self.client = client
         self.fallback = MemoryStore(clock) if fallback else None
         self.timeout = timeout
+        self.deadline = deadline
         self.prefix = prefix
         self.failures = 0
         self.shared: SharedState | None = self
+        self._unresolved: TTLCache[str, tuple[str, ...]] = TTLCache(maxsize=100_000, ttl=24 * 3600, timer=clock)
+        self._undo: dict[tuple[str, str], None] = {}  # an ordered set of (key, attempt)
+        self._undoing: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(
         cls, url: str, *, clock: Callable[[], float], fallback: bool = False, timeout: float = 0.5
     ) -> RedisStore:
-        # A blocking pool queues requests for a free connection (up to `timeout`) instead of failing them
-        # when a burst needs more connections than the pool holds.
+        # A blocking pool queues a burst for free connections instead of failing it; queueing is local
+        # congestion, not an outage, so it may take longer than one Redis round trip (the call's deadline).
         pool = BlockingConnectionPool.from_url(
             url,
-            max_connections=64,
-            timeout=timeout,
+            max_connections=100,
+            timeout=2.5,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=10,
@@ -123,23 +146,49 @@ class RedisStore:
 
     async def _call(self, command: Awaitable[T]) -> T:
         try:
-            async with asyncio.timeout(self.timeout * 3):
+            async with asyncio.timeout(self.deadline):
                 return await command
         except (RedisError, OSError, TimeoutError) as e:
             self.failures += 1
             raise StoreUnavailable(str(e) or type(e).__name__) from None
 
     async def spend(self, key: str, ttl: float) -> bool:
+        name = self.prefix + key
+        attempt = secrets.token_hex(8)
+        millis = max(1, int(ttl * 1000))
+        earlier = self._unresolved.get(key, ())
         try:
-            result = await self._call(self.client.set(self.prefix + key, b"1", nx=True, px=max(1, int(ttl * 1000))))
+            if earlier:
+                won = await self._call(self.client.eval(self._SPEND_OVER, 1, name, attempt, millis, *earlier))
+            else:
+                won = await self._call(self.client.set(name, attempt, nx=True, px=millis))
         except StoreUnavailable:
+            self._unresolved[key] = (*earlier, attempt)[-8:]
+            self._undo[(name, attempt)] = None
+            self._start_undoing()
             if self.fallback is not None:
                 return await self.fallback.spend(key, ttl)
             raise ReplayStoreUnavailable(
-                "the shared replay store is unreachable, so the token cannot be spent safely; it was not "
-                "spent, retry shortly"
+                "the shared replay store did not answer, so the token could not be spent safely; retry shortly"
             ) from None
-        return result is True
+        if earlier:
+            self._unresolved.pop(key, None)
+        return bool(won)
+
+    def _start_undoing(self) -> None:
+        if self._undoing is None or self._undoing.done():
+            self._undoing = asyncio.create_task(self._undo_unresolved(), name="redis:undo")
+
+    async def _undo_unresolved(self) -> None:
+        """Once Redis answers again, delete the attempts whose outcome was unknown (if still theirs)."""
+        while self._undo:
+            name, attempt = next(iter(self._undo))
+            try:
+                await self._call(self.client.eval(self._DELETE_IF, 1, name, attempt))
+            except StoreUnavailable:
+                await asyncio.sleep(self.timeout)
+                continue
+            del self._undo[(name, attempt)]
 
     async def ready(self) -> bool:
         return await self.reachable() or self.fallback is not None
@@ -163,9 +212,13 @@ class RedisStore:
         return token if won else None
 
     async def release(self, key: str, token: str) -> None:
-        await self._call(self.client.eval(self._RELEASE, 1, self.prefix + key, token))
+        await self._call(self.client.eval(self._DELETE_IF, 1, self.prefix + key, token))
 
     async def aclose(self) -> None:
+        if self._undoing is not None:
+            self._undoing.cancel()
+            # wait(), not await: awaiting the cancelled task would re-raise its CancelledError in the caller.
+            await asyncio.wait([self._undoing], timeout=1)
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
 
