@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +77,29 @@ class _PinnedIssuer(TestIssuer):
     async def _serve(self) -> None:
         server = self._server
         assert server is not None
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self._pinned_port))
+        sock = bind(self._pinned_port)
         server.serve = functools.partial(server.serve, sockets=[sock])  # type: ignore[method-assign]
         await super()._serve()
+
+
+def bind(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR, as uvicorn sets it: a port left in TIME_WAIT by the previous run is free to reuse.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def port_is_free(port: int) -> bool:
+    try:
+        bind(port).close()
+    except OSError:
+        return False
+    return True
 
 
 def start_issuer(bench_key: RSAKey, port: int | None = None) -> TestIssuer:
@@ -661,13 +679,92 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@contextlib.contextmanager
-def running_issuer(key: RSAKey, port: int | None) -> Iterator[TestIssuer]:
-    issuer = start_issuer(key, port)
+def start_issuer_for(args: argparse.Namespace, needed: int) -> tuple[TestIssuer, RSAKey, TokenFile | None, bool]:
+    """Start the issuer, with the key and port of a reusable tokens file if there is one; True if reusing."""
+    token_file = TokenFile(args.tokens_file) if args.tokens_file else None
+    meta = token_file.load_meta() if token_file else None
+    problem = reuse_problem(meta, needed=needed, duration=args.duration, redis_url=args.redis)
+    if token_file is not None and meta is not None and problem is None:
+        if port_is_free(meta["issuer_port"]):
+            key = RSAKey.import_key(meta["key"])
+            return start_issuer(key, meta["issuer_port"]), key, token_file, True
+        problem = f"the issuer port its tokens name ({meta['issuer_port']}) is taken"
+    if token_file is not None:
+        print(f"not reusing {token_file.path}: {problem}; signing new tokens")
+    key = new_bench_key()
+    return start_issuer(key), key, token_file, False
+
+
+def prepare_tokens(
+    args: argparse.Namespace,
+    issuer: TestIssuer,
+    key: RSAKey,
+    token_file: TokenFile | None,
+    directory: Path,
+    needed: int,
+) -> tuple[Path, str]:
+    """Sign the run's tokens into the tokens file (or a temp one); returns its path and a line for the summary."""
+    print(f"signing {needed:,} tokens with {args.sign_processes} process(es)...", flush=True)
+    now = int(time.time())
+    started = time.monotonic()
+    tokens = sign_tokens(key, token_claims(issuer, now), needed, args.sign_processes)
+    took = time.monotonic() - started
+    summary = f"{needed:,} signed in {took:.1f} s ({needed / took:,.0f}/s, {args.sign_processes} processes)"
+    if token_file is not None:
+        token_file.save(tokens, key, issuer.port, now + TOKEN_LIFETIME)
+        return token_file.path, summary
+    path = directory / "tokens.txt"
+    path.write_text("\n".join(tokens) + "\n")
+    return path, summary
+
+
+def start_profiler(py_spy: str, pid: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    command = [
+        py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
+        "--duration", str(args.duration), "--output", str(args.profile),
+    ]  # fmt: skip
+    if args.workers > 1:
+        command.append("--subprocesses")
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def finish_profiler(profiler: subprocess.Popen[bytes] | None, args: argparse.Namespace) -> bool:
+    if profiler is None:
+        return False
+    _, errors = profiler.communicate(timeout=args.duration + 30)
+    if profiler.returncode != 0:
+        print(f"py-spy failed: {errors.decode(errors='replace')}", file=sys.stderr)
+        return False
+    return True
+
+
+def benchmark(
+    args: argparse.Namespace, issuer: TestIssuer, key: RSAKey, tokens_path: Path, directory: Path, py_spy: str | None
+) -> tuple[Run, Run, bool]:
+    """Start the gateway, warm it up, and measure /livez then mint-token; True if a profile was recorded."""
+    # Warm-up tokens share the key and claims but are never in the file, so no token is sent twice.
+    assert key.kid is not None
+    warm_tokens = TokenSigner(key.as_pem(private=True), key.kid).sign(
+        token_claims(issuer, int(time.time())), args.warmup
+    )
+    port = free_port()
+    config = write_config(directory, issuer, gateway_port=port, redis_url=args.redis)
+    base = f"http://127.0.0.1:{port}"
+    log = directory / "gateway.log"
+    gateway = start_gateway(config, port=port, workers=args.workers, log=log)
     try:
-        yield issuer
+        warm_up(base, warm_tokens)
+        print(f"measuring GET {LIVEZ_PATH} for {args.duration} s...", flush=True)
+        livez = measure(base, LIVEZ_PATH, gateway, args)
+        profiler = start_profiler(py_spy, gateway.pid, args) if py_spy is not None else None
+        print(f"measuring POST {MINT_PATH} for {args.duration} s...", flush=True)
+        mint = measure(base, MINT_PATH, gateway, args, script_args=[str(tokens_path), str(args.threads)])
+        profiled = finish_profiler(profiler, args)
     finally:
-        issuer.stop()
+        stop_gateway(gateway)
+    if gateway.returncode not in (0, -signal.SIGINT):
+        print(f"gateway exited with {gateway.returncode}:\n{tail(log)}", file=sys.stderr)
+    return livez, mint, profiled
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -685,99 +782,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     info = machine_info()
     needed = args.tokens or math.ceil(args.rate * args.duration * 1.3)
-    setup: dict[str, str] = {
+    setup = {
         "gateway": f"{args.workers} worker(s), replay store " + (f"Redis {args.redis}" if args.redis else "in memory"),
         "wrk": f"{args.threads} thread(s), {args.connections} connections, {args.duration} s per run",
     }
-
-    token_file = TokenFile(args.tokens_file) if args.tokens_file else None
-    meta = token_file.load_meta() if token_file else None
-    problem = reuse_problem(meta, needed=needed, duration=args.duration, redis_url=args.redis)
-    if token_file and problem:
-        print(f"not reusing {token_file.path}: {problem}; signing new tokens")
-    reuse = token_file is not None and meta is not None and problem is None
-    if reuse:
-        assert meta is not None
-        key = RSAKey.import_key(meta["key"])
-        issuer_port: int | None = meta["issuer_port"]
-    else:
-        key, issuer_port = new_bench_key(), None
-
-    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp, running_issuer(key, issuer_port) as issuer:
-        directory = Path(tmp)
-        now = int(time.time())
-        claims = token_claims(issuer, now)
-        if reuse:
-            assert token_file is not None and meta is not None
-            tokens_path = token_file.path
-            setup["tokens"] = f"{meta['count']:,} reused from {tokens_path}"
-        else:
-            print(f"signing {needed:,} tokens with {args.sign_processes} process(es)...", flush=True)
-            started = time.monotonic()
-            tokens = sign_tokens(key, claims, needed, args.sign_processes)
-            took = time.monotonic() - started
-            setup["tokens"] = f"{needed:,} signed in {took:.1f} s ({needed / took:,.0f}/s, {args.sign_processes} procs)"
-            if token_file is not None:
-                token_file.save(tokens, key, issuer.port, now + TOKEN_LIFETIME)
+    issuer, key, token_file, reuse = start_issuer_for(args, needed)
+    try:
+        with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+            directory = Path(tmp)
+            if reuse:
+                assert token_file is not None
                 tokens_path = token_file.path
+                setup["tokens"] = f"reused from {tokens_path}"
             else:
-                tokens_path = directory / "tokens.txt"
-                tokens_path.write_text("\n".join(tokens) + "\n")
-            del tokens
-        # Warm-up tokens come from the same key and claims but are never in the file, so none is sent twice.
-        assert key.kid is not None
-        warm_tokens = TokenSigner(key.as_pem(private=True), key.kid).sign(claims, args.warmup)
-
-        port = free_port()
-        config = write_config(directory, issuer, gateway_port=port, redis_url=args.redis)
-        base = f"http://127.0.0.1:{port}"
-        gateway = start_gateway(config, port=port, workers=args.workers, log=directory / "gateway.log")
-        try:
-            warm_up(base, warm_tokens)
-            print(f"measuring GET {LIVEZ_PATH} for {args.duration} s...", flush=True)
-            livez = measure(base, LIVEZ_PATH, gateway, args)
-            profiler = None
-            if py_spy is not None:
-                profile_command = [
-                    py_spy, "record", "--pid", str(gateway.pid), "--format", "raw", "--rate", "100",
-                    "--duration", str(args.duration), "--output", str(args.profile),
-                ]  # fmt: skip
-                if args.workers > 1:
-                    profile_command.append("--subprocesses")
-                profiler = subprocess.Popen(profile_command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            print(f"measuring POST {MINT_PATH} for {args.duration} s...", flush=True)
-            mint = measure(base, MINT_PATH, gateway, args, script_args=[str(tokens_path), str(args.threads)])
+                tokens_path, setup["tokens"] = prepare_tokens(args, issuer, key, token_file, directory, needed)
+            livez, mint, profiled = benchmark(args, issuer, key, tokens_path, directory, py_spy)
             if args.redis and token_file is not None:
                 token_file.mark_spent(args.redis)
-            if profiler is not None:
-                _, profile_errors = profiler.communicate(timeout=args.duration + 30)
-                if profiler.returncode != 0:
-                    print(f"py-spy failed: {profile_errors.decode(errors='replace')}", file=sys.stderr)
-                    profiler = None
-        finally:
-            stop_gateway(gateway)
-        if gateway.returncode not in (0, -signal.SIGINT):
-            print(f"gateway exited with {gateway.returncode}:\n{tail(directory / 'gateway.log')}", file=sys.stderr)
+    finally:
+        issuer.stop()
 
     print()
     print(report(info, setup, livez, mint, args))
-    if profiler is not None and args.profile is not None:
+    if profiled:
+        assert args.profile is not None
         print()
         print(summarize_profile(args.profile))
         print(f"\n(raw stacks in {args.profile}; open them in https://www.speedscope.app)")
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "machine": info,
-                    "setup": setup,
-                    "livez": dataclasses.asdict(livez),
-                    "mint": dataclasses.asdict(mint),
-                    "ratio": mint.stats.requests_per_sec / (livez.stats.requests_per_sec or 1),
-                },
-                indent=2,
-            )
-        )
+        results = {
+            "machine": info,
+            "setup": setup,
+            "livez": dataclasses.asdict(livez),
+            "mint": dataclasses.asdict(mint),
+            "ratio": mint.stats.requests_per_sec / (livez.stats.requests_per_sec or 1),
+        }
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     failed = livez.stats.errors + mint.stats.errors > 0 or bool(mint.stats.lua.get("exhausted"))
     return 1 if failed else 0
 
