@@ -33,7 +33,7 @@ REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "jti")
 _REGISTERED = ("iss", "sub", "aud", "exp", "nbf", "iat", "jti")
 
 # fullmatch, not match with "$": "$" also matches before a trailing newline, which base64 would then ignore.
-_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+_COMPACT = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]*)")
 _KID = re.compile(r"[\x21-\x7e]{1,256}")
 # A year: longer-lived tokens could not be remembered for replay protection, and no CI issuer makes them.
 MAX_LIFETIME = 366 * 24 * 3600
@@ -61,9 +61,10 @@ class Unverified:
 
 def peek(token: str) -> Unverified:
     """Split and strictly decode a compact JWS, check its header, and return it unverified."""
-    parts = token.split(".")
-    if len(parts) != 3 or not all(_SEGMENT.fullmatch(part) for part in parts) or not parts[0] or not parts[1]:
+    compact = _COMPACT.fullmatch(token)
+    if compact is None:
         raise InvalidPayload("token is not a compact JWS (three base64url segments separated by '.')")
+    parts = compact.groups()
     header = _decode_object(parts[0], "header")
     claims = _decode_object(parts[1], "payload")
     signature = _b64decode(parts[2], "signature")
@@ -103,6 +104,9 @@ def _reject_constant(name: str) -> Any:
     raise StrictJSONError(f"{name} is not a JSON value")
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+
+
 def strict_loads(data: bytes) -> Any:
     """JSON as RFC 8259 means it: UTF-8, no duplicate member names, no NaN or Infinity."""
     try:
@@ -110,7 +114,7 @@ def strict_loads(data: bytes) -> Any:
     except UnicodeDecodeError:
         raise StrictJSONError("not UTF-8") from None
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except StrictJSONError:
         raise
     except (ValueError, RecursionError):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from .errors import GatewayError, InvalidPayload, PayloadTooLarge
+from .errors import GatewayError, InvalidPayload, PayloadTooLarge, RateLimited
 from .exchange import Exchange
 from .jose import StrictJSONError, strict_loads
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -18,27 +21,35 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 log = logging.getLogger(__name__)
 
 
-def error_response(error: GatewayError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after)} if hasattr(error, "retry_after") else None
-    body = {"message": "Token request failed", "errors": [{"code": error.code, "description": error.description}]}
-    return JSONResponse(body, status_code=error.status, headers=headers)
+def error_body(error: GatewayError) -> dict[str, Any]:
+    return {"message": "Token request failed", "errors": [{"code": error.code, "description": error.description}]}
+
+
+def error_headers(error: GatewayError) -> dict[str, str]:
+    return {"Retry-After": str(error.retry_after)} if isinstance(error, RateLimited) else {}
 
 
 async def gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return error_response(exc)
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=error_headers(exc))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The request body, refused past `limit` bytes whether or not a Content-Length says so; None on disconnect."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk: bytes = message.get("body", b"")
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-    return bytes(body)
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 def token_from(body: bytes) -> str:
@@ -70,7 +81,7 @@ class Endpoints:
     def routes(self) -> list[Route]:
         return [
             Route("/_/oidc/audience", self.audience, methods=["GET"]),
-            Route("/_/oidc/mint-token", self.mint_token, methods=["POST"]),
+            Route("/_/oidc/mint-token", _Asgi(self.mint_token), methods=["POST"]),
             Route("/.well-known/openid-configuration", self.discovery, methods=["GET"]),
             Route("/.well-known/jwks.json", self.jwks, methods=["GET"]),
             Route("/livez", self.livez, methods=["GET"]),
@@ -81,27 +92,39 @@ class Endpoints:
     async def audience(self, request: Request) -> Response:
         return JSONResponse({"audience": self.settings.audience})
 
-    async def mint_token(self, request: Request) -> Response:
+    async def mint_token(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A plain ASGI endpoint: this is the hot path, and starlette's Request and Response objects cost a
+        # quarter of what the HTTP layer spends on it.
         started = time.perf_counter()
+        headers: dict[str, str] = {}
         try:
-            token = token_from(await read_body(request, self.settings.max_body))
-            exchanged = await self.exchange.exchange(token)
+            body = await read_body(scope, receive, self.settings.max_body)
+            if body is None:
+                return
+            exchanged = await self.exchange.exchange(token_from(body))
         except GatewayError as e:
             # Failures before an issuer is known (bad body, untrusted issuer) are counted under "-".
-            self.metrics.mints.labels(e.issuer or "-", e.code).inc()
-            self.metrics.latency.observe(time.perf_counter() - started)
+            issuer, outcome = e.issuer or "-", e.code
             log.info("mint refused: %s: %s", e.code, e.description)
-            return error_response(e)
-        issuer = exchanged.verified.issuer.name
-        self.metrics.mints.labels(issuer, "success").inc()
-        self.metrics.latency.observe(time.perf_counter() - started)
-        body: dict[str, Any] = {
-            "success": True,
-            "token": exchanged.minted.token,
-            "expires": exchanged.minted.expires,
-            "projects": list(exchanged.match.projects),
-        }
-        return JSONResponse(body)
+            status, answer, headers = e.status, error_body(e), error_headers(e)
+        else:
+            issuer, outcome = exchanged.verified.issuer.name, "success"
+            status = 200
+            answer = {
+                "success": True,
+                "token": exchanged.minted.token,
+                "expires": exchanged.minted.expires,
+                "projects": list(exchanged.match.projects),
+            }
+        self.metrics.mint(issuer, outcome, time.perf_counter() - started)
+        content = json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(content)).encode()),
+            *((name.lower().encode(), value.encode()) for name, value in headers.items()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": content})
 
     async def discovery(self, request: Request) -> Response:
         return JSONResponse(self._discovery, headers={"Cache-Control": "public, max-age=300"})
@@ -124,3 +147,13 @@ class Endpoints:
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+class _Asgi:
+    """Wraps a bound method so starlette's Route treats it as an ASGI app rather than a request handler."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
