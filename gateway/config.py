@@ -43,6 +43,12 @@ class Issuer:
     namespaces: tuple[str, ...] = ()
     ca_bundle: Path | None = None
     algorithms: tuple[str, ...] = ("RS256",)
+    # Policy for every kind: a suspended issuer keeps its publishers but mints nothing.
+    enabled: bool = True
+    require_protected_ref: bool = False
+    runner_environments: tuple[str, ...] | None = None
+    # What the kind read from its own keys (Kind.options), e.g. the generic kind's claim mapping.
+    options: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +114,11 @@ def _read_toml(path: Path, problems: _Problems) -> dict[str, Any] | None:
     return None
 
 
-class _Table:
-    """Typed access to one TOML table that records problems instead of raising, and flags unknown keys."""
+class Table:
+    """Typed access to one TOML table that records problems instead of raising, and flags unknown keys.
+
+    Issuer kinds read their own keys through it (`Kind.options`), so their problems read like everyone else's.
+    """
 
     def __init__(self, data: Mapping[str, Any], file: Path, where: str, problems: _Problems) -> None:
         self.data = data
@@ -184,7 +193,7 @@ def _validate(
         problems.add(path, "[issuers]", "table is missing or has no issuers")
         return None
 
-    t = _Table(raw["gateway"], path, "[gateway]", problems)
+    t = Table(raw["gateway"], path, "[gateway]", problems)
     audience = t.string("audience", required=True)
     url = t.string("url", required=True)
     if url is not None and not _is_base_url(url, schemes=("https", "http")):
@@ -278,12 +287,17 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
         if not isinstance(table, dict):
             problems.add(path, where, "must be a table")
             continue
-        t = _Table(table, path, where, problems)
+        t = Table(table, path, where, problems)
         url = t.string("url", required=True)
         kind = t.string("kind", required=True)
         namespaces = t.strings("namespaces") or ()
         ca_file = t.string("ca_bundle")
         algorithms = t.strings("algorithms") or ("RS256",)
+        enabled = t.get("enabled", bool, True)
+        require_protected_ref = t.get("require_protected_ref", bool, False)
+        runner_environments = t.strings("runner_environments")
+        read_options = KINDS[kind].options if kind in KINDS else None
+        options = read_options(t) if read_options is not None else None
         t.finish()
         if url is not None:
             if not _is_base_url(url, schemes=("https",)):
@@ -315,6 +329,10 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
                 namespaces=namespaces,
                 ca_bundle=ca_bundle,
                 algorithms=algorithms,
+                enabled=enabled,
+                require_protected_ref=require_protected_ref,
+                runner_environments=runner_environments,
+                options=options,
             )
     return issuers
 
@@ -372,7 +390,7 @@ def _publishers(file: Path, issuers: Mapping[str, Issuer], problems: _Problems) 
 def _publisher(
     entry: Mapping[str, Any], file: Path, where: str, issuers: Mapping[str, Issuer], problems: _Problems
 ) -> Publisher | None:
-    t = _Table(entry, file, where, problems)
+    t = Table(entry, file, where, problems)
     issuer_name = t.string("issuer", required=True)
     repository = t.string("repository", required=True)
     workflow = t.string("workflow", required=True)

@@ -71,16 +71,14 @@ class Exchange:
             # Exact match only, and no network I/O: an attacker's `iss` never becomes a URL we fetch.
             raise InvalidPayload(f"issuer {token.issuer[:200]!r} is not trusted by this gateway")
         with _attributed(issuer.name):
+            if not issuer.enabled:
+                raise InvalidPayload(f"issuer {issuer.name!r} is suspended by this gateway's operator")
             verifier = self.verifiers[issuer.name]
             verifier.check_algorithm(token)
             key = await self.keys.key(issuer.name, token.kid)
             claims = verifier.verify(token, key)
             identity = KINDS[issuer.kind].identity(issuer, claims)
-            if issuer.namespaces and not under_namespaces(identity.repository, issuer.namespaces):
-                raise InvalidPublisher(
-                    f"repository {identity.repository!r} is outside the namespaces this gateway trusts for "
-                    f"issuer {issuer.name!r}"
-                )
+            check_policy(issuer, identity)
         return Verified(issuer=issuer, claims=claims, identity=identity)
 
     def match(self, verified: Verified) -> Match:
@@ -108,6 +106,25 @@ class Exchange:
             now=now,
         )
         return Exchanged(verified=verified, match=match, minted=minted)
+
+
+def check_policy(issuer: Issuer, identity: Identity) -> None:
+    """The operator's rules for every token of an issuer, whichever publisher it would match."""
+    if issuer.namespaces and not under_namespaces(identity.repository, issuer.namespaces):
+        raise InvalidPublisher(
+            f"repository {identity.repository!r} is outside the namespaces this gateway trusts for issuer "
+            f"{issuer.name!r}"
+        )
+    if issuer.require_protected_ref and identity.protected_ref is not True:
+        raise InvalidPublisher(
+            f"ref {identity.ref!r} is not protected, and issuer {issuer.name!r} only publishes from protected "
+            "refs (protect the branch or tag, or publish from one that is)"
+        )
+    if issuer.runner_environments is not None and identity.runner_environment not in issuer.runner_environments:
+        raise InvalidPublisher(
+            f"the job ran on a {identity.runner_environment or 'unknown'!s} runner; issuer {issuer.name!r} only "
+            f"publishes from {', '.join(issuer.runner_environments)} runners"
+        )
 
 
 @contextmanager

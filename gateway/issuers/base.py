@@ -8,17 +8,24 @@ from ..errors import InvalidToken
 from ..identity import Identity
 
 if TYPE_CHECKING:
-    from ..config import Issuer
+    from ..config import Issuer, Table
 
 
 @dataclass(frozen=True, slots=True)
 class Kind:
-    """What differs between issuer kinds: how claims become an Identity, and matching rules as data."""
+    """What differs between issuer kinds: how claims become an Identity, and matching rules as data.
+
+    `identity` turns verified claims into the Identity (raising InvalidToken or InvalidPublisher with a reason);
+    `known_claims` are the claims the kind either maps or deliberately ignores, for `explain` and claim-drift
+    tests; `options`, if set, reads the kind's own keys from its `[issuers.X]` table (problems are reported
+    through the table) and returns what `identity` finds as `issuer.options`.
+    """
 
     name: str
     identity: Callable[[Issuer, Mapping[str, Any]], Identity]
     environment_case_sensitive: bool
-    known_claims: frozenset[str]
+    known_claims: Callable[[Issuer], frozenset[str]]
+    options: Callable[[Table], Any] | None = None
 
 
 def check_claims(

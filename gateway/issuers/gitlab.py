@@ -132,9 +132,11 @@ def identity(issuer: Issuer, claims: Mapping[str, Any]) -> Identity:
     )
 
 
+KNOWN = frozenset(REQUIRED) | frozenset(OPTIONAL) | frozenset(NULLABLE) | UNCHECKED
+
 GITLAB = Kind(
     name="gitlab",
     identity=identity,
     environment_case_sensitive=True,
-    known_claims=frozenset(REQUIRED) | frozenset(OPTIONAL) | frozenset(NULLABLE) | UNCHECKED,
+    known_claims=lambda issuer: KNOWN,
 )
