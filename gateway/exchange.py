@@ -47,22 +47,38 @@ class Exchange:
         signer: Signer,
         clock: Callable[[], float],
     ) -> None:
-        self.settings = settings
         self.keys = keys
         self.store = store
         self.signer = signer
         self.clock = clock
+        self.settings = settings
         self.publishers = Publishers(settings.publishers)
-        self.verifiers = {
+        self.verifiers = self._verifiers(settings)
+
+    def _verifiers(self, settings: Settings) -> dict[str, Verifier]:
+        return {
             name: Verifier(
                 issuer_url=issuer.url,
                 audience=settings.audience,
                 algorithms=issuer.algorithms,
                 leeway=settings.leeway,
-                clock=clock,
+                clock=self.clock,
             )
             for name, issuer in settings.issuers.items()
         }
+
+    def reconfigure(
+        self, settings: Settings, signer: Signer | None = None, publishers: Publishers | None = None
+    ) -> None:
+        """Switch to new settings at once: everything is built first, then swapped without an await between."""
+        publishers = publishers or Publishers(settings.publishers)
+        verifiers = self._verifiers(settings)
+        self.keys.reconfigure(settings.issuers, timeout=settings.fetch_timeout, max_bytes=settings.fetch_max_bytes)
+        self.keys.ttl, self.keys.cooldown = settings.keys_ttl, settings.refresh_cooldown
+        self.keys.max_age = settings.keys_max_age
+        self.settings, self.publishers, self.verifiers = settings, publishers, verifiers
+        if signer is not None:
+            self.signer = signer
 
     async def verify(self, raw: str) -> Verified:
         token = peek(raw)

@@ -258,18 +258,42 @@ class Keys:
         self.ttl = ttl
         self.cooldown = cooldown
         self.max_age = max_age
-        self._fetchers = {
-            name: Fetcher(issuer, transport=transport, timeout=timeout, max_bytes=max_bytes)
-            for name, issuer in issuers.items()
-        }
-        self._states = {name: _State() for name in issuers}
+        self._transport = transport
+        self._fetchers: dict[str, Fetcher] = {}
+        self._states: dict[str, _State] = {}
+        self._algorithms: dict[str, tuple[str, ...]] = {}
+        self._retired: list[Fetcher] = []
+        self.reconfigure(issuers, timeout=timeout, max_bytes=max_bytes)
+
+    def reconfigure(self, issuers: Mapping[str, Issuer], *, timeout: float, max_bytes: int) -> None:
+        """Adopt a new set of issuers; an issuer whose fetching is unchanged keeps its cached keys."""
+        fetchers: dict[str, Fetcher] = {}
+        states: dict[str, _State] = {}
+        for name, issuer in issuers.items():
+            old = self._fetchers.get(name)
+            if (
+                old is not None
+                and (old.issuer.url, old.issuer.ca_bundle, old.issuer.algorithms)
+                == (issuer.url, issuer.ca_bundle, issuer.algorithms)
+                and (old.timeout, old.max_bytes) == (timeout, max_bytes)
+            ):
+                fetchers[name], states[name] = old, self._states[name]
+            else:
+                fetchers[name] = Fetcher(issuer, transport=self._transport, timeout=timeout, max_bytes=max_bytes)
+                states[name] = _State()
+        # Clients of dropped fetchers may still serve a request in flight; they are closed with the app.
+        self._retired += [f for name, f in self._fetchers.items() if fetchers.get(name) is not f]
+        self._fetchers, self._states = fetchers, states
         self._algorithms = {name: issuer.algorithms for name, issuer in issuers.items()}
 
     def state(self, issuer: str) -> _State:
         return self._states[issuer]
 
     async def key(self, issuer: str, kid: str) -> Key:
-        state = self._states[issuer]
+        state = self._states.get(issuer)
+        if state is None:
+            # Only when a reload removed the issuer while this request was under way.
+            raise self._unavailable(issuer)
         key_set = await self._usable(issuer, state)
         key = key_set.keys.get(kid)
         if key is not None:
@@ -365,5 +389,5 @@ class Keys:
             if state.inflight is not None:
                 state.inflight.cancel()
         await self.settle()
-        for fetcher in self._fetchers.values():
+        for fetcher in [*self._fetchers.values(), *self._retired]:
             await fetcher.aclose()

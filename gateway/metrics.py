@@ -26,6 +26,12 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.reloads = Counter(
+            "gateway_config_reloads",
+            "Config reloads by outcome (success, or failure: the previous config stayed in force).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self._outcomes: dict[tuple[str, str], Any] = {}
 
     def mint(self, issuer: str, outcome: str, seconds: float) -> None:

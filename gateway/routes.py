@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .config import Settings
 from .errors import GatewayError, InvalidPayload, PayloadTooLarge, RateLimited
 from .exchange import Exchange
 from .jose import StrictJSONError, strict_loads
@@ -66,17 +67,12 @@ class Endpoints:
     def __init__(self, exchange: Exchange, metrics: Metrics) -> None:
         self.exchange = exchange
         self.metrics = metrics
-        self.settings = exchange.settings
         self.shutting_down = False
-        url = self.settings.url
-        self._discovery = {
-            "issuer": url,
-            "jwks_uri": f"{url}/.well-known/jwks.json",
-            "response_types_supported": ["id_token"],
-            "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": [exchange.signer.algorithm],
-            "claims_supported": ["iss", "aud", "sub", "projects", "iat", "nbf", "exp", "jti", "identity"],
-        }
+
+    @property
+    def settings(self) -> Settings:
+        # Read through the exchange on every request, so a reload takes effect everywhere at once.
+        return self.exchange.settings
 
     def routes(self) -> list[Route]:
         return [
@@ -127,7 +123,16 @@ class Endpoints:
         await send({"type": "http.response.body", "body": content})
 
     async def discovery(self, request: Request) -> Response:
-        return JSONResponse(self._discovery, headers={"Cache-Control": "public, max-age=300"})
+        url = self.settings.url
+        document = {
+            "issuer": url,
+            "jwks_uri": f"{url}/.well-known/jwks.json",
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": [self.exchange.signer.algorithm],
+            "claims_supported": ["iss", "aud", "sub", "projects", "iat", "nbf", "exp", "jti", "identity"],
+        }
+        return JSONResponse(document, headers={"Cache-Control": "public, max-age=300"})
 
     async def jwks(self, request: Request) -> Response:
         return JSONResponse(self.exchange.signer.jwks, headers={"Cache-Control": "public, max-age=300"})

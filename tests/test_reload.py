@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.mint import generate_key
+from gateway.reload import Reloader
+from gateway.testing import TestIssuer, free_port
+from tests.conftest import PUBLISHER, Gateway, error_code, gitlab_issuer, write_config
+
+RELEASE = PUBLISHER | {"repository": "group/release", "projects": ["release-project"]}
+
+
+def directory_of(gateway: Gateway) -> Path:
+    path = gateway.exchange.settings.config_path
+    assert path is not None
+    return path.parent
+
+
+def reloader(gateway: Gateway) -> Reloader:
+    return gateway.app.state.reloader  # type: ignore[no-any-return]
+
+
+def reloads(text: str) -> dict[str, float]:
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "gateway_config_reloads"
+        for sample in family.samples
+        if sample.name == "gateway_config_reloads_total"
+    }
+
+
+async def test_reload_adds_a_publisher(make_gateway: Any, issuer: TestIssuer) -> None:
+    """After publishers.toml gains a publisher and the config is reloaded, that publisher's jobs mint."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    token = issuer.gitlab_token(project_path="group/release")
+    assert error_code(await gateway.mint(token)) == "invalid-publisher"
+
+    write_config(directory_of(gateway), {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER, RELEASE])
+    assert await reloader(gateway).reload() is True
+
+    response = await gateway.mint(token)
+    assert response.status_code == 200, response.text
+    assert response.json()["projects"] == ["release-project"]
+    assert reloads((await gateway.client.get("/metrics")).text) == {"success": 1.0}
+
+
+async def test_bad_config_is_refused_whole_and_the_old_one_stays(
+    make_gateway: Any, issuer: TestIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload with any problem changes nothing, logs the problem and counts a failure."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    directory = directory_of(gateway)
+    # A new publisher (which would be welcome) next to one naming an unknown issuer (which is not).
+    write_config(directory, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER, RELEASE, PUBLISHER | {"issuer": "nope"}])
+
+    with caplog.at_level(logging.ERROR, logger="gateway.reload"):
+        assert await reloader(gateway).reload() is False
+    assert "names no issuer" in caplog.text
+
+    assert (await gateway.mint(issuer.gitlab_token())).status_code == 200
+    refused = await gateway.mint(issuer.gitlab_token(project_path="group/release"))
+    assert error_code(refused) == "invalid-publisher"
+    assert reloads((await gateway.client.get("/metrics")).text) == {"failure": 1.0}
+
+
+async def test_reload_keeps_the_keys_of_unchanged_issuers(make_gateway: Any, issuer: TestIssuer) -> None:
+    """An issuer whose url, CA and algorithms did not change keeps its cached keys across a reload."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    assert (await gateway.mint(issuer.gitlab_token())).status_code == 200
+    write_config(directory_of(gateway), {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER, RELEASE])
+    assert await reloader(gateway).reload()
+    assert (await gateway.mint(issuer.gitlab_token())).status_code == 200
+    assert (issuer.discovery_count, issuer.jwks_count) == (1, 1)
+
+
+async def test_reload_refetches_keys_of_a_changed_issuer(make_gateway: Any, issuer: TestIssuer) -> None:
+    """An issuer whose fetching settings changed starts from an empty cache."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    assert (await gateway.mint(issuer.gitlab_token())).status_code == 200
+    changed = gitlab_issuer(issuer, algorithms=["RS256", "PS256"])
+    write_config(directory_of(gateway), {"gitlab-com": changed}, [PUBLISHER])
+    assert await reloader(gateway).reload()
+    assert (await gateway.mint(issuer.gitlab_token())).status_code == 200
+    assert issuer.jwks_count == 2
+
+
+async def test_reload_applies_a_relaxed_policy_to_a_refused_token(make_gateway: Any, issuer: TestIssuer) -> None:
+    """A token refused by policy is not spent, so it mints once the operator relaxes the policy by reloading."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer, runner_environments=["gitlab-hosted"])})
+    token = issuer.gitlab_token(runner_environment="self-hosted")
+    assert error_code(await gateway.mint(token)) == "invalid-publisher"
+    write_config(directory_of(gateway), {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER])
+    assert await reloader(gateway).reload()
+    assert (await gateway.mint(token)).status_code == 200
+
+
+async def test_reload_rotates_the_signing_key(make_gateway: Any, issuer: TestIssuer, tmp_path: Path) -> None:
+    """Reloading with a new signing_key and the old one under previous_signing_keys publishes both, signs with new."""
+    old, new = generate_key(), generate_key()
+    (tmp_path / "old.json").write_text(json.dumps(old.as_dict(private=True)))
+    (tmp_path / "new.json").write_text(json.dumps(new.as_dict(private=True)))
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)}, signing_key=str(tmp_path / "old.json"))
+    write_config(
+        directory_of(gateway),
+        {"gitlab-com": gitlab_issuer(issuer)},
+        [PUBLISHER],
+        signing_key=str(tmp_path / "new.json"),
+        previous_signing_keys=[str(tmp_path / "old.json")],
+    )
+    assert await reloader(gateway).reload()
+    kids = [key["kid"] for key in (await gateway.client.get("/.well-known/jwks.json")).json()["keys"]]
+    assert kids == [new.thumbprint(), old.thumbprint()]
+    minted = (await gateway.mint(issuer.gitlab_token())).json()["token"]
+    header = json.loads(base64.urlsafe_b64decode(minted.split(".")[0] + "=="))
+    assert header["kid"] == new.thumbprint()
+
+
+async def test_changed_file_is_noticed(make_gateway: Any, issuer: TestIssuer) -> None:
+    """A change to a watched file (here publishers.toml) is seen by the reloader, and an unchanged tree is not."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    watcher = reloader(gateway)
+    assert not watcher.changed()
+    publishers = directory_of(gateway) / "publishers.toml"
+    publishers.write_text(publishers.read_text() + "\n# touched\n")
+    os.utime(publishers, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+    assert watcher.changed()
+    assert await watcher.reload()
+    assert not watcher.changed()
+
+
+# --- a real process: SIGHUP and the file watch ------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path, issuer: TestIssuer) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`gateway serve` as a real process with the file watch every 0.2 s; yields (process, base url)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    path = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], url=base, reload_interval=0.2)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{base}/livez").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.05)  # waiting for another process to bind its socket, not for time logic
+        yield process, base
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def until_status(client: httpx.AsyncClient, base: str, token_of: Any, status: int) -> httpx.Response:
+    """Mint with fresh tokens until the answer has `status` (the reload happens in another process)."""
+    async with asyncio.timeout(10):
+        while True:
+            response = await client.post(f"{base}/_/oidc/mint-token", json={"token": token_of()})
+            if response.status_code == status:
+                return response
+            await asyncio.sleep(0.05)
+
+
+async def test_sighup_reloads_a_running_server(
+    served: tuple[subprocess.Popen[bytes], str], issuer: TestIssuer, tmp_path: Path
+) -> None:
+    """A running `gateway serve` reloads on SIGHUP; a bad config then is refused and counted, the old one kept."""
+    process, base = served
+    token_of = lambda: issuer.gitlab_token(project_path="group/release")  # noqa: E731
+    async with httpx.AsyncClient() as client:
+        assert (await client.post(f"{base}/_/oidc/mint-token", json={"token": token_of()})).status_code == 422
+        write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER, RELEASE], url=base, reload_interval=0)
+        process.send_signal(signal.SIGHUP)
+        await until_status(client, base, token_of, 200)
+
+        (tmp_path / "publishers.toml").write_text("[[publisher]]\nissuer = 1\n")
+        process.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            # Polling another process's metrics: there is no event to wait on across processes.
+            while reloads((await client.get(f"{base}/metrics")).text).get("failure") != 1.0:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert (await client.post(f"{base}/_/oidc/mint-token", json={"token": token_of()})).status_code == 200
+        assert process.poll() is None
+
+
+async def test_file_watch_reloads_a_running_server(
+    served: tuple[subprocess.Popen[bytes], str], issuer: TestIssuer, tmp_path: Path
+) -> None:
+    """A running `gateway serve` picks up a changed publishers.toml by itself."""
+    _, base = served
+    write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER, RELEASE], url=base, reload_interval=0.2)
+    async with httpx.AsyncClient() as client:
+        response = await until_status(client, base, lambda: issuer.gitlab_token(project_path="group/release"), 200)
+    assert response.json()["projects"] == ["release-project"]
