@@ -16,6 +16,7 @@ from .exchange import Exchange
 from .keys import Keys
 from .metrics import Metrics
 from .mint import Signer, generate_key
+from .ratelimit import rate_limits
 from .reload import Reloader
 from .routes import Endpoints, gateway_error
 from .shared import SharedKeys
@@ -65,7 +66,12 @@ def create_app(
         max_bytes=settings.fetch_max_bytes,
     )
     exchange = Exchange(
-        settings, keys=keys, store=store, signer=Signer(key, settings.previous_signing_keys), clock=clock
+        settings,
+        keys=keys,
+        store=store,
+        signer=Signer(key, settings.previous_signing_keys),
+        clock=clock,
+        limits=rate_limits(settings),
     )
     metrics = Metrics()
     endpoints = Endpoints(exchange, metrics)

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 import rtoml
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, Key, OKPKey, import_key
+from limits import parse_many
 
 from .errors import ConfigError
 from .issuers import KINDS
@@ -70,6 +72,12 @@ class Settings:
     refresh_cooldown: int = 60
     keys_max_age: int = 24 * 3600
     reload_interval: float = 5.0
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    rate_limit_client: str | None = None
+    rate_limit_repository: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    drain_seconds: float = 0.0
     config_path: Path | None = field(default=None, compare=False)
     # Every file the settings were read from, for the reloader to watch.
     files: tuple[Path, ...] = field(default=(), compare=False)
@@ -224,6 +232,12 @@ def _validate(
     refresh_cooldown = t.number("refresh_cooldown", 60, minimum=1)
     keys_max_age = t.number("keys_max_age", 24 * 3600, minimum=1)
     reload_interval = t.number("reload_interval", 5.0, minimum=0, integer=False)
+    trusted_proxies = _networks(t, "trusted_proxies")
+    rate_limit_client = _rate(t, "rate_limit_client")
+    rate_limit_repository = _rate(t, "rate_limit_repository")
+    log_level = _choice(t, "log_level", ("debug", "info", "warning", "error"), "info")
+    log_format = _choice(t, "log_format", ("text", "json"), "text")
+    drain_seconds = t.number("drain_seconds", 0.0, minimum=0, integer=False)
     t.finish()
 
     issuers = _issuers(raw["issuers"], path, problems)
@@ -264,6 +278,12 @@ def _validate(
         refresh_cooldown=refresh_cooldown,
         keys_max_age=keys_max_age,
         reload_interval=float(reload_interval),
+        trusted_proxies=trusted_proxies,
+        rate_limit_client=rate_limit_client,
+        rate_limit_repository=rate_limit_repository,
+        log_level=log_level,
+        log_format=log_format,
+        drain_seconds=float(drain_seconds),
         config_path=path,
         files=tuple(
             dict.fromkeys(
@@ -277,6 +297,36 @@ def _validate(
             )
         ),
     )
+
+
+def _networks(t: Table, key: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    networks = []
+    for value in t.strings(key) or ():
+        try:
+            networks.append(ip_network(value, strict=False))
+        except ValueError:
+            t.problem(key, f"{value!r} is not an IP address or network (like 10.0.0.0/8)")
+    return tuple(networks)
+
+
+def _rate(t: Table, key: str) -> str | None:
+    value = t.string(key)
+    if value is None:
+        return None
+    try:
+        parse_many(value)
+    except ValueError:
+        t.problem(key, f"{value!r} is not a rate like '60/minute' or '10/second;100/hour'")
+        return None
+    return value
+
+
+def _choice(t: Table, key: str, choices: tuple[str, ...], default: str) -> str:
+    value = t.string(key, default) or default
+    if value not in choices:
+        t.problem(key, f"must be one of {', '.join(choices)} (got {value!r})")
+        return default
+    return value
 
 
 def _is_base_url(url: str, schemes: Iterable[str]) -> bool:

@@ -24,8 +24,6 @@ from collections.abc import Sequence
 class GatewayError(Exception):
     code = "invalid-payload"
     status = 422
-    # The configured issuer the failing token came from, once known: for metrics and logs, not for clients.
-    issuer: str | None = None
 
     def __init__(self, description: str) -> None:
         super().__init__(description)

@@ -8,19 +8,32 @@ spent only once a publisher matched (so a token refused for a fixable reason sta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Issuer, Settings
-from .errors import GatewayError, InvalidPayload, InvalidPublisher, ReusedToken
+from .errors import InvalidPayload, InvalidPublisher, ReusedToken
 from .identity import Identity
 from .issuers import KINDS
 from .jose import VerifiedClaims, Verifier, peek
 from .keys import Keys
 from .mint import Minted, Signer
-from .publishers import Match, Publishers, under_namespaces
+from .publishers import Match, Publisher, Publishers, under_namespaces
+from .ratelimit import RateLimits
 from .store import Store, jti_key
+
+
+@dataclass(slots=True)
+class Attempt:
+    """What is known so far about one mint attempt, filled in as the exchange goes: for the audit log and
+    metrics only, never for decisions. `jti` is the hashed key the jti is spent under, never the jti itself."""
+
+    client: str | None = None
+    issuer: str | None = None
+    identity: Identity | None = None
+    jti: str | None = None
+    publishers: tuple[Publisher, ...] = ()
+    projects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +59,10 @@ class Exchange:
         store: Store,
         signer: Signer,
         clock: Callable[[], float],
+        limits: RateLimits | None = None,
     ) -> None:
         self.keys = keys
+        self.limits = limits
         self.store = store
         self.signer = signer
         self.clock = clock
@@ -80,39 +95,43 @@ class Exchange:
         if signer is not None:
             self.signer = signer
 
-    async def verify(self, raw: str) -> Verified:
+    async def verify(self, raw: str, attempt: Attempt | None = None) -> Verified:
+        attempt = attempt if attempt is not None else Attempt()
         token = peek(raw)
         issuer = self.settings.by_url.get(token.issuer)
         if issuer is None:
             # Exact match only, and no network I/O: an attacker's `iss` never becomes a URL we fetch.
             raise InvalidPayload(f"issuer {token.issuer[:200]!r} is not trusted by this gateway")
-        with _attributed(issuer.name):
-            if not issuer.enabled:
-                raise InvalidPayload(f"issuer {issuer.name!r} is suspended by this gateway's operator")
-            verifier = self.verifiers[issuer.name]
-            verifier.check_algorithm(token)
-            key = await self.keys.key(issuer.name, token.kid)
-            claims = verifier.verify(token, key)
-            identity = KINDS[issuer.kind].identity(issuer, claims)
-            check_policy(issuer, identity)
+        attempt.issuer = issuer.name
+        if not issuer.enabled:
+            raise InvalidPayload(f"issuer {issuer.name!r} is suspended by this gateway's operator")
+        verifier = self.verifiers[issuer.name]
+        verifier.check_algorithm(token)
+        key = await self.keys.key(issuer.name, token.kid)
+        claims = verifier.verify(token, key)
+        attempt.jti = jti_key(issuer.name, claims["jti"])
+        identity = KINDS[issuer.kind].identity(issuer, claims)
+        attempt.identity = identity
+        check_policy(issuer, identity)
         return Verified(issuer=issuer, claims=claims, identity=identity)
 
     def match(self, verified: Verified) -> Match:
         kind = KINDS[verified.issuer.kind]
-        with _attributed(verified.issuer.name):
-            return self.publishers.match(
-                verified.identity, environment_case_sensitive=kind.environment_case_sensitive
-            )
+        return self.publishers.match(verified.identity, environment_case_sensitive=kind.environment_case_sensitive)
 
-    async def exchange(self, raw: str) -> Exchanged:
-        verified = await self.verify(raw)
+    async def exchange(self, raw: str, attempt: Attempt | None = None) -> Exchanged:
+        attempt = attempt if attempt is not None else Attempt()
+        verified = await self.verify(raw, attempt)
+        if self.limits is not None:
+            # Counted for every verified attempt, matched or not: a repository cannot probe publishers freely.
+            await self.limits.hit_repository(verified.issuer.name, verified.identity.repository)
         match = self.match(verified)
+        attempt.publishers, attempt.projects = match.publishers, match.projects
         now = self.clock()
         # Remember the jti for as long as any clock within the leeway could still accept the token.
         ttl = max(1.0, verified.claims["exp"] + self.settings.leeway - now + 1)
-        with _attributed(verified.issuer.name):
-            if not await self.store.spend(jti_key(verified.issuer.name, verified.claims["jti"]), ttl):
-                raise ReusedToken("this ID token was already exchanged; each ID token can be used once")
+        if not await self.store.spend(jti_key(verified.issuer.name, verified.claims["jti"]), ttl):
+            raise ReusedToken("this ID token was already exchanged; each ID token can be used once")
         minted = self.signer.mint(
             identity=verified.identity,
             projects=match.projects,
@@ -141,12 +160,3 @@ def check_policy(issuer: Issuer, identity: Identity) -> None:
             f"the job ran on a {identity.runner_environment or 'unknown'!s} runner; issuer {issuer.name!r} only "
             f"publishes from {', '.join(issuer.runner_environments)} runners"
         )
-
-
-@contextmanager
-def _attributed(issuer: str) -> Iterator[None]:
-    try:
-        yield
-    except GatewayError as e:
-        e.issuer = issuer
-        raise

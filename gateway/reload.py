@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .exchange import Exchange
 from .mint import Signer
 from .publishers import Publishers
+from .ratelimit import rate_limits
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class Reloader:
         if keys_changed and settings.signing_key is not None:
             signer = Signer(settings.signing_key, settings.previous_signing_keys)
         self.exchange.reconfigure(settings, signer, publishers)
+        if (settings.rate_limit_client, settings.rate_limit_repository) != (
+            current.rate_limit_client,
+            current.rate_limit_repository,
+        ):
+            self.exchange.limits = rate_limits(settings)
         self._stamps = self._stat(settings.files)
         self.counter.labels("success").inc()
         log.info(

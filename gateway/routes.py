@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 
 from starlette.requests import Request
@@ -15,8 +16,9 @@ from starlette.types import Receive, Scope, Send
 
 from .config import Settings
 from .errors import GatewayError, InvalidPayload, PayloadTooLarge, RateLimited
-from .exchange import Exchange
+from .exchange import Attempt, Exchange
 from .jose import StrictJSONError, strict_loads
+from .logs import audit
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,40 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
         if not message.get("more_body", False):
             return bytes(body)
+
+
+def client_address(scope: Scope, trusted: tuple[IPv4Network | IPv6Network, ...]) -> str | None:
+    """The client's address: the peer's, or, when the peer is a trusted proxy, the nearest address in
+    X-Forwarded-For that is not one. An untrusted peer's X-Forwarded-For is ignored: anyone can send one."""
+    peer = scope.get("client")
+    address: str | None = peer[0] if peer else None
+    if not trusted or not _within(address, trusted):
+        return address
+    forwarded = b",".join(value for name, value in scope["headers"] if name == b"x-forwarded-for")
+    for hop in reversed(forwarded.decode("latin-1").split(",")):
+        hop = hop.strip()
+        if not hop:
+            continue
+        if not _within(hop, trusted):
+            return hop if _is_ip(hop) else address
+        address = hop
+    return address
+
+
+def _within(address: str | None, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    try:
+        ip = ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def token_from(body: bytes) -> str:
@@ -92,27 +128,31 @@ class Endpoints:
         # A plain ASGI endpoint: this is the hot path, and starlette's Request and Response objects cost a
         # quarter of what the HTTP layer spends on it.
         started = time.perf_counter()
+        settings = self.settings
+        attempt = Attempt(client=client_address(scope, settings.trusted_proxies))
         headers: dict[str, str] = {}
         try:
-            body = await read_body(scope, receive, self.settings.max_body)
+            if self.exchange.limits is not None:
+                await self.exchange.limits.hit_client(attempt.client or "-")
+            body = await read_body(scope, receive, settings.max_body)
             if body is None:
                 return
-            exchanged = await self.exchange.exchange(token_from(body))
+            exchanged = await self.exchange.exchange(token_from(body), attempt)
         except GatewayError as e:
-            # Failures before an issuer is known (bad body, untrusted issuer) are counted under "-".
-            issuer, outcome = e.issuer or "-", e.code
+            outcome = e.code
             log.info("mint refused: %s: %s", e.code, e.description)
             status, answer, headers = e.status, error_body(e), error_headers(e)
         else:
-            issuer, outcome = exchanged.verified.issuer.name, "success"
-            status = 200
+            outcome, status = "success", 200
             answer = {
                 "success": True,
                 "token": exchanged.minted.token,
                 "expires": exchanged.minted.expires,
                 "projects": list(exchanged.match.projects),
             }
-        self.metrics.mint(issuer, outcome, time.perf_counter() - started)
+        # Failures before an issuer is known (bad body, untrusted issuer) are counted under "-".
+        self.metrics.mint(attempt.issuer or "-", outcome, time.perf_counter() - started)
+        audit(attempt, outcome)
         content = json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         raw_headers = [
             (b"content-type", b"application/json"),

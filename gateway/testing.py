@@ -496,6 +496,74 @@ class TestIssuer:
     def gitlab_token(self, *, kid: str | None = None, **overrides: Any) -> str:
         return self.sign(self.gitlab_claims(**overrides), kid=kid)
 
+    def github_claims(
+        self,
+        *,
+        repository: str = "octo-org/sample-kit",
+        ref: str = "refs/heads/main",
+        workflow: str = "release.yml",
+        environment: str | None = None,
+        event_name: str = "push",
+        now: int | None = None,
+        **overrides: object,
+    ) -> dict[str, Any]:
+        """A GitHub Actions ID token's claims as github.com sends them, with `iss` set to this issuer."""
+        sha = "5f3c2a9d8e7b6a1c0f4e3d2c1b0a9f8e7d6c5b4a"
+        now = int(time.time()) if now is None else now
+        workflow_ref = f"{repository}/.github/workflows/{workflow}@{ref}"
+        pull_request = event_name in ("pull_request", "pull_request_target")
+        # GitHub builds the default sub from the environment, else the pull request, else the ref.
+        if environment is not None:
+            sub = f"repo:{repository}:environment:{environment}"
+        elif pull_request:
+            sub = f"repo:{repository}:pull_request"
+        else:
+            sub = f"repo:{repository}:ref:{ref}"
+        claims: dict[str, Any] = {
+            "actor": "octocat",
+            "actor_id": "583231",
+            "aud": "pypi",
+            # Empty strings, not absent, outside pull request events.
+            "base_ref": "main" if pull_request else "",
+            "check_run_id": "41872364510",
+        }
+        if environment is not None:
+            claims |= {"environment": environment, "environment_node_id": "EN_kwDOK2fLcM8AAAABkL3xYg"}
+        claims |= {
+            "event_name": event_name,
+            "exp": now + 300,
+            "head_ref": "contributor-patch" if pull_request else "",
+            "iat": now,
+            "iss": self.url,
+            # Without a reusable workflow, the job's workflow is the run's workflow.
+            "job_workflow_ref": workflow_ref,
+            "job_workflow_sha": sha,
+            "jti": str(uuid.uuid4()),
+            # GitHub backdates nbf by five minutes.
+            "nbf": now - 300,
+            "ref": ref,
+            "ref_protected": "true",
+            "ref_type": "tag" if ref.startswith("refs/tags/") else "branch",
+            "repository": repository,
+            "repository_id": "728105936",
+            "repository_owner": repository.partition("/")[0],
+            "repository_owner_id": "91482733",
+            "repository_visibility": "public",
+            "run_attempt": "1",
+            "run_id": "12688012345",
+            "run_number": "42",
+            "runner_environment": "github-hosted",
+            "sha": sha,
+            "sub": sub,
+            "workflow": "Release",
+            "workflow_ref": workflow_ref,
+            "workflow_sha": sha,
+        }
+        return _merge(claims, overrides)
+
+    def github_token(self, *, kid: str | None = None, **overrides: Any) -> str:
+        return self.sign(self.github_claims(**overrides), kid=kid)
+
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             with self._lock:

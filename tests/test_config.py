@@ -238,7 +238,7 @@ BAD_CONFIGS = [
         [],
         {},
         "issuers.toml: [issuers.gitlab-com] kind:",
-        "must be one of gitlab (got 'bitbucket')",
+        "(got 'bitbucket')",
         id="unknown-kind",
     ),
     pytest.param(

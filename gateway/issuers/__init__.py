@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from .base import Kind
+from .github import GITHUB
 from .gitlab import GITLAB
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (GITLAB,)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (GITLAB, GITHUB)}
 
 __all__ = ["KINDS", "Kind"]
