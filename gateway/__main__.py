@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, config
+from . import __version__, config, logs
 from .errors import ConfigError
 from .mint import ALGORITHMS, generate_key, public_jwk
+
+# Seconds uvicorn waits for requests in flight when stopping; with drain_seconds, keep the sum under the
+# orchestrator's grace period (deploy/ uses 30 s).
+SHUTDOWN_TIMEOUT = 20
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,7 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="overrides [gateway] log_level"
+    )
 
     check = commands.add_parser("check", help="validate issuers.toml and the publishers file")
     _config_argument(check)
@@ -73,13 +78,15 @@ def _check(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if args.log_level:
+        os.environ["GATEWAY_LOG_LEVEL"] = args.log_level
     settings = _load(args)
     if settings is None:
         return 1
     assert settings.config_path is not None
     # Workers are separate processes that each load the config again; the path travels in the environment.
     os.environ["GATEWAY_CONFIG"] = str(settings.config_path.resolve())
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal against the handler it found at
     # start; a no-op handler there turns a clean shutdown into exit status 0 instead of death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -91,10 +98,16 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         loop="uvloop",
         http="httptools",
-        log_level=args.log_level,
-        # Access logs cost a third of the throughput and say nothing the metrics do not.
+        # Logging is ours (logs.configure, in every worker too): level and format come from the config.
+        log_config=None,
+        log_level=settings.log_level,
+        # Access logs cost a third of the throughput and say nothing the metrics and the audit log do not.
         access_log=False,
         server_header=False,
+        # The client address comes from [gateway] trusted_proxies (routes.client_address), not from uvicorn.
+        proxy_headers=False,
+        # In-flight requests get this long after the drain; keep it inside the orchestrator's grace period.
+        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT,
     )
     return 0
 

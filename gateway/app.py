@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import httpx
 from joserfc.jwk import Key
 from starlette.applications import Starlette
 
-from . import config
+from . import config, logs
 from .errors import GatewayError
 from .exchange import Exchange
 from .keys import Keys
@@ -80,6 +84,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         reloader.start()
+        drain_on_sigterm(endpoints, lambda: exchange.settings.drain_seconds)
         try:
             yield
         finally:
@@ -99,6 +104,29 @@ def create_app(
     return app
 
 
+def drain_on_sigterm(endpoints: Endpoints, seconds: Callable[[], float]) -> None:
+    """On SIGTERM, report unready at once and keep serving for `drain_seconds`, then let the server stop.
+
+    The server (uvicorn) has its SIGTERM handler in place when the app starts; this one goes in front of it and
+    hands over after the drain, so a load balancer or Kubernetes sees /readyz fail before the listener closes.
+    uvicorn then finishes the requests in flight. A second SIGTERM stops at once.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return  # not under a server that handles SIGTERM (tests drive the app directly)
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(sig: int, frame: FrameType | None) -> None:
+        if endpoints.shutting_down:
+            previous(sig, frame)
+            return
+        endpoints.shutting_down = True
+        loop.call_soon_threadsafe(loop.call_later, seconds(), previous, sig, frame)
+
+    with contextlib.suppress(ValueError):  # only the main thread may set signal handlers
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def _default_store(settings: config.Settings, clock: Callable[[], float]) -> Store:
     if settings.redis_url is None:
         return MemoryStore(clock)
@@ -107,4 +135,6 @@ def _default_store(settings: config.Settings, clock: Callable[[], float]) -> Sto
 
 def from_environment() -> Starlette:
     """The uvicorn factory: `gateway serve` passes the config path through $GATEWAY_CONFIG to each worker."""
-    return create_app(config.load(config.config_path(None, os.environ)))
+    settings = config.load(config.config_path(None, os.environ))
+    logs.configure(settings.log_level, settings.log_format)
+    return create_app(settings)

@@ -236,6 +236,8 @@ def _validate(
     rate_limit_client = _rate(t, "rate_limit_client")
     rate_limit_repository = _rate(t, "rate_limit_repository")
     log_level = _choice(t, "log_level", ("debug", "info", "warning", "error"), "info")
+    if environ.get("GATEWAY_LOG_LEVEL") in ("debug", "info", "warning", "error"):
+        log_level = environ["GATEWAY_LOG_LEVEL"]
     log_format = _choice(t, "log_format", ("text", "json"), "text")
     drain_seconds = t.number("drain_seconds", 0.0, minimum=0, integer=False)
     t.finish()
