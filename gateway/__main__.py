@@ -1,18 +1,22 @@
-"""Command line: gateway serve | check | keygen."""
+"""Command line: gateway serve | check | keygen | probe-issuer | explain."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__, config, logs
 from .errors import ConfigError
+from .metrics import MULTIPROCESS
 from .mint import ALGORITHMS, generate_key, public_jwk
+from .probe import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT
 
 # Seconds uvicorn waits for requests in flight when stopping; with drain_seconds, keep the sum under the
 # orchestrator's grace period (deploy/ uses 30 s).
@@ -40,11 +44,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     keygen.add_argument("--out", type=Path, help="file to write (mode 0600); default: standard output")
     keygen.add_argument("--alg", choices=ALGORITHMS, default="ES256", help="default ES256")
 
+    probe = commands.add_parser(
+        "probe-issuer",
+        help="check a candidate issuer against the discovery and key rules before trusting it",
+        description="Fetch the candidate issuer's discovery document and JWKS as the gateway would (no redirects, "
+        "the size cap, one deadline) and print each rule with PASS or FAIL and its evidence. "
+        "Exit status: 0 only if every rule holds, 1 otherwise, 2 for a usage error.",
+    )
+    probe.add_argument("url", metavar="URL", help="the issuer URL exactly as its tokens' iss would say it")
+    probe.add_argument(
+        "--ca-bundle", type=Path, help="PEM file trusted in addition to the system CAs (as an issuer's ca_bundle)"
+    )
+    probe.add_argument(
+        "--algorithm",
+        dest="algorithms",
+        action="append",
+        choices=sorted(config.ASYMMETRIC_ALGORITHMS),
+        help="an algorithm the issuer would be configured with (repeat for several; default RS256)",
+    )
+    probe.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"deadline for discovery and JWKS together (default {DEFAULT_TIMEOUT:g}, as fetch_timeout)",
+    )
+    probe.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help=f"size cap per document (default {DEFAULT_MAX_BYTES}, as fetch_max_bytes)",
+    )
+
+    explain = commands.add_parser(
+        "explain",
+        help="verify a token as mint-token would, without spending it, and say which publishers match",
+        description="Verify an ID token as mint-token would, without spending its jti; print the normalized "
+        "identity, the claims the issuer's kind ignores, each candidate publisher field by field, and the "
+        "owner_id an operator could pin. Exit status: 0 when a publisher matches, 1 otherwise (invalid token, "
+        "no matching publisher, or a bad config).",
+    )
+    _config_argument(explain)
+    explain.add_argument(
+        "source", metavar="TOKEN", help="the ID token, or - to read it from standard input (keeps it out of ps)"
+    )
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "probe-issuer":
+        return _probe(args)
+    if args.command == "explain":
+        return _explain(args)
     return _keygen(args)
 
 
@@ -87,6 +139,9 @@ def _serve(args: argparse.Namespace) -> int:
     # Workers are separate processes that each load the config again; the path travels in the environment.
     os.environ["GATEWAY_CONFIG"] = str(settings.config_path.resolve())
     logs.configure(settings.log_level, settings.log_format)
+    if args.workers > 1 and not os.environ.get(MULTIPROCESS):
+        # Workers keep their counters in files here, so /metrics adds up all of them (metrics.py).
+        os.environ[MULTIPROCESS] = tempfile.mkdtemp(prefix="gateway-metrics-")
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal against the handler it found at
     # start; a no-op handler there turns a clean shutdown into exit status 0 instead of death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -128,6 +183,42 @@ def _keygen(args: argparse.Namespace) -> int:
         f.write(document)
     print(f"wrote {args.out} (kid {key.thumbprint()}, public key: {json.dumps(public_jwk(key))})")
     return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from .probe import ProbeError, probe
+
+    if args.timeout <= 0 or args.max_bytes < 1:
+        print("--timeout and --max-bytes must be positive", file=sys.stderr)
+        return 2
+    try:
+        report = asyncio.run(
+            probe(
+                args.url,
+                ca_bundle=args.ca_bundle,
+                algorithms=tuple(dict.fromkeys(args.algorithms or ["RS256"])),
+                fetch_timeout=args.timeout,
+                fetch_max_bytes=args.max_bytes,
+            )
+        )
+    except ProbeError as e:
+        print(e, file=sys.stderr)
+        return 2
+    sys.stdout.write(report.render())
+    return 0 if report.ok else 1
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    settings = _load(args)
+    if settings is None:
+        return 1
+    # Surrounding whitespace is the shell's or the file's (a trailing newline), never part of a compact JWS.
+    raw = sys.stdin.read() if args.source == "-" else args.source
+    code, text = asyncio.run(explain(settings, raw.strip()))
+    sys.stdout.write(text)
+    return code
 
 
 if __name__ == "__main__":

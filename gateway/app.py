@@ -58,9 +58,13 @@ def create_app(
             max_age=settings.keys_max_age,
             timeout=settings.fetch_timeout,
         )
+    metrics = Metrics()
+    store.on_error = lambda: metrics.count(metrics.redis_errors)
     keys = Keys(
         settings.issuers,
         shared=shared,
+        on_fetch=lambda issuer, outcome: metrics.count(metrics.fetches, issuer, outcome),
+        on_lookup=lambda level: metrics.count(metrics.key_lookups, level),
         clock=clock,
         transport=transport,
         ttl=settings.keys_ttl,
@@ -77,7 +81,6 @@ def create_app(
         clock=clock,
         limits=rate_limits(settings),
     )
-    metrics = Metrics()
     endpoints = Endpoints(exchange, metrics)
     reloader = Reloader(exchange, metrics.reloads)
 

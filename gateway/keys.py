@@ -51,6 +51,8 @@ class KeySet:
     dropped: tuple[str, ...] = ()
     # The accepted keys as public JWKs, for sharing the set with other replicas.
     jwks: tuple[Mapping[str, Any], ...] = ()
+    # Where this process got the set: "upstream" (fetched it) or "redis" (another replica did).
+    source: str = "upstream"
 
 
 def fits(key: Key, algorithms: tuple[str, ...]) -> bool:
@@ -252,9 +254,14 @@ class Keys:
         timeout: float = 5.0,
         max_bytes: int = 256 * 1024,
         shared: SharedKeys | None = None,
+        on_fetch: Callable[[str, str], None] | None = None,
+        on_lookup: Callable[[str], None] | None = None,
     ) -> None:
         self.clock = clock
         self.shared = shared
+        # Observers for metrics: (issuer, "ok"|"error") per upstream fetch; the cache level that had a key.
+        self.on_fetch = on_fetch or (lambda issuer, outcome: None)
+        self.on_lookup = on_lookup or (lambda level: None)
         self.ttl = ttl
         self.cooldown = cooldown
         self.max_age = max_age
@@ -294,9 +301,11 @@ class Keys:
         if state is None:
             # Only when a reload removed the issuer while this request was under way.
             raise self._unavailable(issuer)
+        cached = state.key_set
         key_set = await self._usable(issuer, state)
         key = key_set.keys.get(kid)
         if key is not None:
+            self.on_lookup("memory" if key_set is cached else key_set.source)
             return key
         now = self.clock()
         if state.inflight is not None:
@@ -306,6 +315,8 @@ class Keys:
             state.kid_refresh_at = now
             key_set = await self._wait(issuer, state, "kid")
         key = key_set.keys.get(kid)
+        if key is not None:
+            self.on_lookup("memory" if key_set is cached else key_set.source)
         if key is None:
             raise InvalidToken(
                 f"the issuer's key set has no key {kid!r}; if the issuer rotated keys just now, retry in "
@@ -347,7 +358,13 @@ class Keys:
 
     async def _upstream(self, issuer: str, state: _State) -> KeySet:
         state.fetches += 1
-        return await self._fetchers[issuer].fetch(self.clock)
+        try:
+            key_set = await self._fetchers[issuer].fetch(self.clock)
+        except FetchError:
+            self.on_fetch(issuer, "error")
+            raise
+        self.on_fetch(issuer, "ok")
+        return key_set
 
     async def _fetch(self, issuer: str, state: _State, reason: str) -> KeySet | None:
         """Returns the best key set after a fetch: the new one, the last good one if still usable, or None.

@@ -38,7 +38,7 @@ def load(raw: bytes, algorithms: tuple[str, ...]) -> KeySet | None:
         return None
     if not keys:
         return None
-    return KeySet(keys=keys, fetched_at=fetched_at, jwks_uri=jwks_uri, jwks=tuple(document["keys"]))
+    return KeySet(keys=keys, fetched_at=fetched_at, jwks_uri=jwks_uri, jwks=tuple(document["keys"]), source="redis")
 
 
 class SharedKeys:

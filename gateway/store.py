@@ -43,6 +43,8 @@ class SharedState(Protocol):
 class Store(Protocol):
     # Set when the store is shared by replicas; the key cache then coordinates through it.
     shared: SharedState | None
+    # Called on every failed call to a shared store (for metrics); the app sets it.
+    on_error: Callable[[], None]
 
     async def spend(self, key: str, ttl: float) -> bool:
         """Mark `key` spent for `ttl` seconds; True for the first caller only, atomically."""
@@ -62,6 +64,7 @@ class MemoryStore:
         )
         self._clock = clock
         self.shared: SharedState | None = None
+        self.on_error: Callable[[], None] = lambda: None
 
     async def spend(self, key: str, ttl: float) -> bool:
         # No await between the check and the write: on one event loop this is atomic.
@@ -120,7 +123,8 @@ class RedisStore:
         self.timeout = timeout
         self.deadline = deadline
         self.prefix = prefix
-        self.failures = 0
+        # An observer for metrics, set by the app.
+        self.on_error: Callable[[], None] = lambda: None
         self.shared: SharedState | None = self
         self._unresolved: TTLCache[str, tuple[str, ...]] = TTLCache(maxsize=100_000, ttl=24 * 3600, timer=clock)
         self._undo: dict[tuple[str, str], None] = {}  # an ordered set of (key, attempt)
@@ -149,7 +153,7 @@ class RedisStore:
             async with asyncio.timeout(self.deadline):
                 return await command
         except (RedisError, OSError, TimeoutError) as e:
-            self.failures += 1
+            self.on_error()
             raise StoreUnavailable(str(e) or type(e).__name__) from None
 
     async def spend(self, key: str, ttl: float) -> bool:
