@@ -491,6 +491,12 @@ def _publisher(
     if workflow is not None and (workflow.startswith("/") or ".." in workflow.split("/")):
         t.problem("workflow", "must be a path relative to the repository root")
         workflow = None
+    check_workflow = KINDS[issuer.kind].workflow_problem if issuer is not None else None
+    if workflow is not None and check_workflow is not None:
+        problem = check_workflow(workflow)
+        if problem is not None:
+            t.problem("workflow", problem)
+            workflow = None
     for project in projects or ():
         if not _PROJECT.fullmatch(project):
             t.problem("projects", f"{project!r} is not a valid project name")

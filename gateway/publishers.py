@@ -78,7 +78,8 @@ def compare(
     elif environment_case_sensitive:
         env_ok = env_got == publisher.environment
     else:
-        env_ok = env_got.lower() == publisher.environment.lower()
+        # ASCII folding only, as for repositories: KELVIN SIGN must not pass for "k".
+        env_ok = fold(env_got) is not None and fold(env_got) == fold(publisher.environment)
     comparisons = [
         Comparison("workflow", publisher.workflow, identity.workflow, identity.workflow == publisher.workflow),
         Comparison("environment", publisher.environment or "(any)", env_got, env_ok),

@@ -501,16 +501,19 @@ class TestIssuer:
         *,
         repository: str = "octo-org/sample-kit",
         ref: str = "refs/heads/main",
-        workflow: str = "release.yml",
+        workflow_file: str = "release.yml",
         environment: str | None = None,
         event_name: str = "push",
         now: int | None = None,
         **overrides: object,
     ) -> dict[str, Any]:
-        """A GitHub Actions ID token's claims as github.com sends them, with `iss` set to this issuer."""
+        """A GitHub Actions ID token's claims as github.com sends them, with `iss` set to this issuer.
+
+        `workflow_file` is the file in .github/workflows/; the `workflow` claim is the display name.
+        """
         sha = "5f3c2a9d8e7b6a1c0f4e3d2c1b0a9f8e7d6c5b4a"
         now = int(time.time()) if now is None else now
-        workflow_ref = f"{repository}/.github/workflows/{workflow}@{ref}"
+        workflow_ref = f"{repository}/.github/workflows/{workflow_file}@{ref}"
         pull_request = event_name in ("pull_request", "pull_request_target")
         # GitHub builds the default sub from the environment, else the pull request, else the ref.
         if environment is not None:

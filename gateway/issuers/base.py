@@ -17,7 +17,7 @@ class Kind:
 
     `identity` turns verified claims into the Identity (raising InvalidToken or InvalidPublisher with a reason);
     `known_claims` are the claims the kind either maps or deliberately ignores, for `explain` and claim-drift
-    tests; `options`, if set, reads the kind's own keys from its `[issuers.X]` table (problems are reported
+    tests; `workflow_problem` checks a publisher's `workflow` at load; `options`, if set, reads the kind's own keys from its `[issuers.X]` table (problems are reported
     through the table) and returns what `identity` finds as `issuer.options`.
     """
 
@@ -26,6 +26,8 @@ class Kind:
     environment_case_sensitive: bool
     known_claims: Callable[[Issuer], frozenset[str]]
     options: Callable[[Table], Any] | None = None
+    # What is wrong with a publisher's `workflow` for this kind (checked at load), or None.
+    workflow_problem: Callable[[str], str | None] | None = None
 
 
 def check_claims(

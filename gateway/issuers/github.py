@@ -180,10 +180,17 @@ def identity(issuer: Issuer, claims: Mapping[str, Any]) -> Identity:
 
 KNOWN = frozenset(REQUIRED) | frozenset(OPTIONAL) | UNCHECKED
 
+def workflow_problem(workflow: str) -> str | None:
+    if "/" in workflow or not workflow.endswith((".yml", ".yaml")):
+        return "for a github issuer, the file name under .github/workflows/, like 'release.yml'"
+    return None
+
+
 GITHUB = Kind(
     name="github",
     identity=identity,
     # GitHub environment names are case-insensitive: "Release" and "release" are one environment.
     environment_case_sensitive=False,
     known_claims=lambda issuer: KNOWN,
+    workflow_problem=workflow_problem,
 )
