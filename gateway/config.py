@@ -54,6 +54,17 @@ class Issuer:
 
 
 @dataclass(frozen=True, slots=True)
+class Upstream:
+    """The index that uploads through `/legacy/` go to, and the operator's credentials for it."""
+
+    url: str
+    username: str
+    password: str = field(repr=False)
+    max_upload: int = 100 * 1024 * 1024
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     audience: str
     url: str
@@ -78,6 +89,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     drain_seconds: float = 0.0
+    upstream: Upstream | None = None
     config_path: Path | None = field(default=None, compare=False)
     # Every file the settings were read from, for the reloader to watch.
     files: tuple[Path, ...] = field(default=(), compare=False)
@@ -200,7 +212,7 @@ def _validate(
     raw: Mapping[str, Any], path: Path, environ: Mapping[str, str], problems: _Problems
 ) -> Settings | None:
     base = path.parent
-    for key in sorted(set(raw) - {"gateway", "issuers"}):
+    for key in sorted(set(raw) - {"gateway", "issuers", "upstream"}):
         problems.add(path, f"[{key}]", "unknown table")
     if not isinstance(raw.get("gateway"), dict):
         problems.add(path, "[gateway]", "table is missing")
@@ -243,6 +255,7 @@ def _validate(
     t.finish()
 
     issuers = _issuers(raw["issuers"], path, problems)
+    upstream = _upstream(raw["upstream"], path, environ, problems) if "upstream" in raw else None
 
     signing_key = None
     if signing_key_file is not None:
@@ -286,6 +299,7 @@ def _validate(
         log_level=log_level,
         log_format=log_format,
         drain_seconds=float(drain_seconds),
+        upstream=upstream,
         config_path=path,
         files=tuple(
             dict.fromkeys(
@@ -299,6 +313,31 @@ def _validate(
             )
         ),
     )
+
+
+def _upstream(
+    raw: Any, path: Path, environ: Mapping[str, str], problems: _Problems
+) -> Upstream | None:
+    if not isinstance(raw, dict):
+        problems.add(path, "[upstream]", "must be a table")
+        return None
+    t = Table(raw, path, "[upstream]", problems)
+    url = t.string("url", required=True)
+    username = t.string("username", required=True)
+    password_env = t.string("password_env", required=True)
+    max_upload = t.number("max_upload", 100 * 1024 * 1024, minimum=1024)
+    timeout = t.number("timeout", 300.0, minimum=1, integer=False)
+    t.finish()
+    if url is not None and not _is_base_url(url, schemes=("https", "http")):
+        t.problem("url", f"must be an http(s) URL with no query or fragment (got {url!r})")
+        url = None
+    # The password never sits in a config file: the file names the environment variable that holds it.
+    password = environ.get(password_env) if password_env else None
+    if password_env is not None and not password:
+        t.problem("password_env", f"${password_env} is not set (it must hold the upstream index's password)")
+    if url is None or username is None or not password:
+        return None
+    return Upstream(url=url, username=username, password=password, max_upload=max_upload, timeout=float(timeout))
 
 
 def _networks(t: Table, key: str) -> tuple[IPv4Network | IPv6Network, ...]:
