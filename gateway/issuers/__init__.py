@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .base import Kind
+from .generic import GENERIC
 from .github import GITHUB
 from .gitlab import GITLAB
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (GITLAB, GITHUB)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (GITLAB, GITHUB, GENERIC)}
 
 __all__ = ["KINDS", "Kind"]
