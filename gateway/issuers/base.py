@@ -17,8 +17,9 @@ class Kind:
 
     `identity` turns verified claims into the Identity (raising InvalidToken or InvalidPublisher with a reason);
     `known_claims` are the claims the kind either maps or deliberately ignores, for `explain` and claim-drift
-    tests; `workflow_problem` checks a publisher's `workflow` at load; `options`, if set, reads the kind's own keys from its `[issuers.X]` table (problems are reported
-    through the table) and returns what `identity` finds as `issuer.options`.
+    tests; `workflow_problem` checks a publisher's `workflow` at load; `options`, if set, reads the kind's own
+    keys from its `[issuers.X]` table (problems are reported through the table) and returns what `identity`
+    finds as `issuer.options`.
     """
 
     name: str
