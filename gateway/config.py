@@ -224,7 +224,7 @@ def _validate(
     t = Table(raw["gateway"], path, "[gateway]", problems)
     audience = t.string("audience", required=True)
     url = t.string("url", required=True)
-    if url is not None and not _is_base_url(url, schemes=("https", "http")):
+    if url is not None and not is_base_url(url, schemes=("https", "http")):
         t.problem("url", f"must be an http(s) URL with no query or fragment (got {url!r})")
     publishers_file = t.string("publishers", "publishers.toml")
     signing_key_file = t.string("signing_key")
@@ -328,7 +328,7 @@ def _upstream(
     max_upload = t.number("max_upload", 100 * 1024 * 1024, minimum=1024)
     timeout = t.number("timeout", 300.0, minimum=1, integer=False)
     t.finish()
-    if url is not None and not _is_base_url(url, schemes=("https", "http")):
+    if url is not None and not is_base_url(url, schemes=("https", "http")):
         t.problem("url", f"must be an http(s) URL with no query or fragment (got {url!r})")
         url = None
     # The password never sits in a config file: the file names the environment variable that holds it.
@@ -370,7 +370,7 @@ def _choice(t: Table, key: str, choices: tuple[str, ...], default: str) -> str:
     return value
 
 
-def _is_base_url(url: str, schemes: Iterable[str]) -> bool:
+def is_base_url(url: str, schemes: Iterable[str]) -> bool:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises on a malformed port
@@ -412,7 +412,7 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
         options = read_options(t) if read_options is not None else None
         t.finish()
         if url is not None:
-            if not _is_base_url(url, schemes=("https",)):
+            if not is_base_url(url, schemes=("https",)):
                 t.problem("url", f"must be an https URL with no query or fragment (got {url!r})")
             elif url in urls:
                 t.problem("url", f"duplicates the url of [issuers.{urls[url]}]")

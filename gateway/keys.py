@@ -115,13 +115,13 @@ def _key_problem(raw: Any, kid: Any, algorithms: tuple[str, ...]) -> str | None:
     if "alg" in raw and raw["alg"] not in algorithms:
         return f"alg {raw['alg']!r} is not among {', '.join(algorithms)}"
     if raw.get("kty") == "RSA":
-        bits = _rsa_bits(raw.get("n"))
+        bits = rsa_bits(raw.get("n"))
         if bits < MIN_RSA_BITS:
             return f"RSA key of {bits} bits is weaker than {MIN_RSA_BITS}"
     return None
 
 
-def _rsa_bits(n: Any) -> int:
+def rsa_bits(n: Any) -> int:
     # Measured before import: a weak modulus never reaches the crypto library.
     if not isinstance(n, str):
         return 0
@@ -167,9 +167,9 @@ class Fetcher:
         try:
             async with asyncio.timeout(self.timeout):
                 discovery_url = self.issuer.url.rstrip("/") + "/.well-known/openid-configuration"
-                discovery = await self._get_json(discovery_url)
+                discovery = await self.get_json(discovery_url)
                 jwks_uri = self.check_discovery(discovery)
-                jwks = await self._get_json(jwks_uri)
+                jwks = await self.get_json(jwks_uri)
         except TimeoutError:
             raise FetchError(f"fetching discovery and keys took longer than {self.timeout:g} s") from None
         keys, dropped = parse_jwks(jwks, self.issuer.algorithms)
@@ -197,7 +197,7 @@ class Fetcher:
             raise FetchError(f"discovery jwks_uri {jwks_uri!r} is not on the issuer's origin")
         return jwks_uri
 
-    async def _get_json(self, url: str) -> Any:
+    async def get_json(self, url: str) -> Any:
         try:
             async with self.client.stream("GET", url) as response:
                 if response.is_redirect:
