@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -139,31 +140,36 @@ def _serve(args: argparse.Namespace) -> int:
     # Workers are separate processes that each load the config again; the path travels in the environment.
     os.environ["GATEWAY_CONFIG"] = str(settings.config_path.resolve())
     logs.configure(settings.log_level, settings.log_format)
+    metrics_dir = None
     if args.workers > 1 and not os.environ.get(MULTIPROCESS):
         # Workers keep their counters in files here, so /metrics adds up all of them (metrics.py).
-        os.environ[MULTIPROCESS] = tempfile.mkdtemp(prefix="gateway-metrics-")
+        metrics_dir = os.environ[MULTIPROCESS] = tempfile.mkdtemp(prefix="gateway-metrics-")
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal against the handler it found at
     # start; a no-op handler there turns a clean shutdown into exit status 0 instead of death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(
-        "gateway.app:from_environment",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        # Logging is ours (logs.configure, in every worker too): level and format come from the config.
-        log_config=None,
-        log_level=settings.log_level,
-        # Access logs cost a third of the throughput and say nothing the metrics and the audit log do not.
-        access_log=False,
-        server_header=False,
-        # The client address comes from [gateway] trusted_proxies (routes.client_address), not from uvicorn.
-        proxy_headers=False,
-        # In-flight requests get this long after the drain; keep it inside the orchestrator's grace period.
-        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT,
-    )
+    try:
+        uvicorn.run(
+            "gateway.app:from_environment",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            loop="uvloop",
+            http="httptools",
+            # Logging is ours (logs.configure, in every worker too): level and format come from the config.
+            log_config=None,
+            log_level=settings.log_level,
+            # Access logs cost a third of the throughput and say nothing the metrics and the audit log do not.
+            access_log=False,
+            server_header=False,
+            # The client address comes from [gateway] trusted_proxies (routes.client_address), not from uvicorn.
+            proxy_headers=False,
+            # In-flight requests get this long after the drain; keep it inside the orchestrator's grace period.
+            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

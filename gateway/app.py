@@ -25,6 +25,7 @@ from .reload import Reloader
 from .routes import Endpoints, gateway_error
 from .shared import SharedKeys
 from .store import MemoryStore, RedisStore, Store
+from .upload import UploadProxy
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,10 @@ def create_app(
             timeout=settings.fetch_timeout,
         )
     metrics = Metrics()
+    limits = rate_limits(settings)
     store.on_error = lambda: metrics.count(metrics.redis_errors)
+    if limits is not None:
+        limits.on_error = store.on_error
     keys = Keys(
         settings.issuers,
         shared=shared,
@@ -79,9 +83,11 @@ def create_app(
         store=store,
         signer=Signer(key, settings.previous_signing_keys),
         clock=clock,
-        limits=rate_limits(settings),
+        limits=limits,
     )
     endpoints = Endpoints(exchange, metrics)
+    upload = UploadProxy(exchange) if settings.upstream is not None else None
+    endpoints.upload = upload
     reloader = Reloader(exchange, metrics.reloads)
 
     @asynccontextmanager
@@ -95,6 +101,10 @@ def create_app(
             await reloader.stop()
             await keys.aclose()
             await exchange.store.aclose()
+            if exchange.limits is not None:
+                await exchange.limits.aclose()
+            if upload is not None:
+                await upload.aclose()
 
     app = Starlette(
         routes=endpoints.routes(),
@@ -104,6 +114,7 @@ def create_app(
     app.state.exchange = exchange
     app.state.endpoints = endpoints
     app.state.reloader = reloader
+    app.state.upload = upload
     return app
 
 

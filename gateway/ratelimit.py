@@ -11,10 +11,11 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
@@ -35,6 +36,10 @@ def rate_limits(settings: Settings) -> RateLimits | None:
 
 
 class RateLimits:
+    # After Redis failed, count in-process for this long before asking it again: a hung Redis must not cost
+    # every request a timeout, nor fill the log with one warning per request.
+    BACKOFF = 5.0
+
     def __init__(
         self,
         *,
@@ -46,9 +51,12 @@ class RateLimits:
         self.client = tuple(parse_many(client)) if client else ()
         self.repository = tuple(parse_many(repository)) if repository else ()
         self.timeout = timeout
+        # Called on every failed Redis call (for metrics); the app sets it.
+        self.on_error: Callable[[], None] = lambda: None
         self._local = SlidingWindowCounterRateLimiter(MemoryStorage())
         self._shared: SlidingWindowCounterRateLimiter | None = None
-        self._storage: Storage | None = None
+        self._storage: RedisStorage | None = None
+        self._failed_at = float("-inf")
         if redis_url is not None and (self.client or self.repository):
             self._storage = RedisStorage(
                 redis_url,
@@ -68,14 +76,21 @@ class RateLimits:
             self.repository, "repository", issuer, repository.lower(), what=f"token exchanges for {repository!r}"
         )
 
+    def _limiter(self) -> SlidingWindowCounterRateLimiter:
+        if self._shared is not None and time.monotonic() - self._failed_at >= self.BACKOFF:
+            return self._shared
+        return self._local
+
     async def _hit(self, items: tuple[RateLimitItem, ...], *key: str, what: str) -> None:
         for item in items:
-            limiter = self._shared or self._local
+            limiter = self._limiter()
             try:
                 async with asyncio.timeout(self.timeout * 2):
                     allowed = await limiter.hit(item, *key)
             except (StorageError, TimeoutError, OSError) as e:
-                log.warning("rate limit store unreachable, counting in-process: %s", e)
+                self.on_error()
+                self._failed_at = time.monotonic()
+                log.warning("rate limit store unreachable; counting in-process for %g s: %s", self.BACKOFF, e)
                 limiter = self._local
                 allowed = await limiter.hit(item, *key)
             if not allowed:
@@ -92,4 +107,12 @@ class RateLimits:
                 stats = await limiter.get_window_stats(item, *key)
             return max(1, math.ceil(stats.reset_time - time.time()))
         except (StorageError, TimeoutError, OSError):
+            self.on_error()
             return item.get_expiry()
+
+    async def aclose(self) -> None:
+        if self._storage is not None:
+            # `limits` has no close of its own; its redis-py client is reached through the storage's bridge.
+            client = getattr(getattr(self._storage, "bridge", None), "storage", None)
+            if client is not None:
+                await client.aclose()

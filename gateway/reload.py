@@ -49,6 +49,9 @@ class Reloader:
             # In a thread: a large publishers file takes a second to parse, which the event loop must not wait.
             settings, publishers = await asyncio.to_thread(self._prepare, current.config_path)
         except ConfigError as e:
+            # Remember the broken files, so the watch waits for the next change instead of retrying (and
+            # logging) the same problems every interval.
+            self._stamps = self._stat(current.files)
             self.counter.labels("failure").inc()
             log.error("config reload refused; the previous config stays in force:\n%s", "\n".join(e.problems))
             return False
@@ -66,7 +69,11 @@ class Reloader:
             current.rate_limit_client,
             current.rate_limit_repository,
         ):
-            self.exchange.limits = rate_limits(settings)
+            old, self.exchange.limits = self.exchange.limits, rate_limits(settings)
+            if self.exchange.limits is not None:
+                self.exchange.limits.on_error = self.exchange.store.on_error
+            if old is not None:
+                await old.aclose()
         self._stamps = self._stat(settings.files)
         self.counter.labels("success").inc()
         log.info(

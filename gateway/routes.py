@@ -12,7 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
 from .errors import GatewayError, InvalidPayload, PayloadTooLarge, RateLimited
@@ -104,6 +104,8 @@ class Endpoints:
         self.exchange = exchange
         self.metrics = metrics
         self.shutting_down = False
+        # The /legacy/ upload proxy (gateway.upload), set by create_app when [upstream] is configured.
+        self.upload: ASGIApp | None = None
 
     @property
     def settings(self) -> Settings:
@@ -119,6 +121,7 @@ class Endpoints:
             Route("/livez", self.livez, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics_text, methods=["GET"]),
+            *([Route("/legacy/", self.upload, methods=["POST"])] if self.upload is not None else []),
         ]
 
     async def audience(self, request: Request) -> Response:
