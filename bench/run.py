@@ -226,25 +226,31 @@ class Mode:
     """One way to run the gateway: where it spends jtis, and the mint rate it should reach that way."""
 
     name: str  # "memory" or "redis": the key in --json and in profile file names
-    label: str  # its row in the table
+    where: str  # "in-process" or "Redis": where the jti is spent, as the table says it
     target: int
     redis_url: str | None = None
     # The redis-server this script started, whose CPU is then measured too; None for a given --redis URL.
     redis_pid: int | None = None
+    redis_version: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"mint ({self.where})"
 
 
 def modes_for(args: argparse.Namespace, stack: contextlib.ExitStack, directory: Path) -> list[Mode]:
     """The modes --mode asks for, in the order they run; starts a redis-server on `stack` for --redis auto."""
     modes = []
     if args.mode != "redis":
-        modes.append(Mode("memory", "mint (in-process)", args.target))
+        modes.append(Mode("memory", "in-process", args.target))
     if args.mode != "memory":
         if args.redis == AUTO:
             url, pid = stack.enter_context(redis_server(directory))
         else:
             url, pid = args.redis, None
-            wait_for_redis(url, deadline=time.monotonic() + 2, died=lambda: None)
-        modes.append(Mode("redis", "mint (Redis)", args.redis_target, url, pid))
+        # For a given URL this is also the check that it answers, before any time goes into signing tokens.
+        version = wait_for_redis(url, deadline=time.monotonic() + 2, died=lambda: None)
+        modes.append(Mode("redis", "Redis", args.redis_target, url, pid, version))
     return modes
 
 
@@ -273,28 +279,18 @@ def redis_server(directory: Path) -> Iterator[tuple[str, int]]:
         stop_process(proc, signal.SIGTERM)
 
 
-def wait_for_redis(url: str, *, deadline: float, died: Callable[[], str | None]) -> None:
-    """Return once Redis at `url` answers PING; exit with the reason when it did not by `deadline`."""
-    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-    try:
+def wait_for_redis(url: str, *, deadline: float, died: Callable[[], str | None]) -> str:
+    """Wait until Redis at `url` answers, and return its version; exit with the reason if not by `deadline`."""
+    with redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1) as client:
         while True:
             try:
-                client.ping()
-                return
+                return str(client.info("server").get("redis_version", "?"))
             except redis.RedisError as e:
-                problem = died() or (f"Redis at {url} did not answer PING: {e}" if time.monotonic() > deadline else None)
+                late = time.monotonic() > deadline
+                problem = died() or (f"Redis at {url} did not answer: {e}" if late else None)
                 if problem:
                     raise SystemExit(problem) from None
             time.sleep(0.1)
-    finally:
-        client.close()
-
-
-def redis_version() -> str:
-    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
-    # "Redis server v=7.0.15 sha=... malloc=..."
-    match = re.search(r"v=(\S+)", out)
-    return f"redis-server {match.group(1)}" if match else "redis-server"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -528,13 +524,16 @@ def find_py_spy() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
+def patterns(table: Sequence[tuple[str, str]]) -> list[tuple[str, re.Pattern[str]]]:
+    return [(label, re.compile(pattern)) for label, pattern in table]
+
+
 # Where a mint's time goes, as py-spy names frames ("Class.method (path:line)"). Steps are inclusive: a sample
 # counts towards every step on its stack, so nested steps (the RSA check inside Verifier.verify) both show.
-PROFILE_STEPS: list[tuple[str, re.Pattern[str]]] = [
-    (label, re.compile(pattern))
-    for label, pattern in [
+PROFILE_STEPS = patterns(
+    [
         ("Endpoints.mint_token (the whole handler)", r"^Endpoints\.mint_token \("),
-        ("  read_body (request.stream)", r"^read_body \("),
+        ("  read_body (the request's body)", r"^read_body \("),
         ("  token_from (strict JSON of the body)", r"^token_from \("),
         ("  Exchange.verify", r"^Exchange\.verify \("),
         ("    jose.peek (split, base64, strict JSON x2)", r"^peek \(gateway/jose"),
@@ -545,69 +544,110 @@ PROFILE_STEPS: list[tuple[str, re.Pattern[str]]] = [
         ("    GitLab claims -> Identity", r"\(gateway/issuers/gitlab\.py"),
         ("  Exchange.match (publishers)", r"^Exchange\.match \("),
         ("  jti_key + store.spend", r"^jti_key \(|^\w*Store\.spend \("),
+        ("    secrets.token_hex (the spend's attempt id)", r"^RedisStore\.spend \(.*;token_hex \("),
+        ("    RedisStore._call (asyncio.timeout + the command)", r"^RedisStore\._call \("),
+        ("      redis-py (pool, health check, pack, send, parse)", r"\(redis/"),
         ("  Signer.mint", r"^Signer\.mint \("),
-        ("    ES256 signature (joserfc -> cryptography)", r"^ESAlgorithm\.sign \("),
-        ("    uuid4 jti", r"^uuid4 \("),
-        ("    json.dumps of the claims", r"^Signer\.mint .*;dumps \(json/"),
-        ("  JSONResponse (json.dumps of the answer)", r"^JSONResponse\.(__init__|render) \("),
+        ("    ES256 signature (cryptography)", r"sign_es256 \("),
+        ("    secrets.token_urlsafe jti", r"^Signer\.mint \(.*;token_urlsafe \("),
+        ("    json.dumps of the claims", r"^Signer\.mint \(.*;dumps \(json/"),
+        ("  json.dumps of the answer", r"^Endpoints\.mint_token \(.*;dumps \(json/"),
         ("  prometheus_client (counter + histogram)", r"\(prometheus_client/"),
         ("  logging", r"\(logging/"),
     ]
-]
+)
 
 # Areas are exclusive: a sample goes to the first area found walking from the innermost frame outwards, so
 # stdlib work is charged to JSON/base64 if it is that, else to whichever package called it.
-PROFILE_AREAS: list[tuple[str, re.Pattern[str]]] = [
-    (label, re.compile(pattern))
-    for label, pattern in [
+PROFILE_AREAS = patterns(
+    [
         ("RSA verify (cryptography)", r"^_RSAAlgModel\.verify \("),
-        ("ES256 sign (cryptography)", r"^ESAlgorithm\.sign \("),
+        ("ES256 sign (cryptography)", r"sign_es256 \("),
         ("json encode/decode", r"\(json/"),
         ("base64", r"\(base64\.py"),
         ("prometheus_client", r"\(prometheus_client/"),
         ("logging", r"\(logging/"),
         ("joserfc (other)", r"\(joserfc/"),
-        ("redis-py (with --redis)", r"\(redis/"),
+        ("redis-py", r"\(redis/"),
         ("gateway code (and stdlib it calls)", r"\(gateway/"),
         ("starlette (middleware, routing, request/response)", r"\(starlette/"),
         ("uvicorn + httptools (parsing, socket writes)", r"\(uvicorn/"),
         ("event loop (uvloop/asyncio, socket reads)", r"\(asyncio/|uvloop"),
     ]
-]
+)
 
 
-def summarize_profile(path: Path, top: int = 15) -> str:
-    """Steps, areas and top functions by own time, from py-spy's raw (collapsed stack) output."""
-    own: Counter[str] = Counter()
-    steps: Counter[str] = Counter()
-    areas: Counter[str] = Counter()
-    total = 0
+@dataclasses.dataclass
+class Profile:
+    """One mode's py-spy samples, tallied by step, area and innermost function."""
+
+    total: int
+    own: Counter[str]
+    steps: Counter[str]
+    areas: Counter[str]
+
+
+def read_profile(path: Path) -> Profile:
+    """Tally py-spy's raw (collapsed stack) output."""
+    profile = Profile(0, Counter(), Counter(), Counter())
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
         frames = stack.split(";")
-        total += count
-        own[frames[-1]] += count
+        profile.total += count
+        profile.own[frames[-1]] += count
         # A pattern may span two frames (mint;dumps), so steps also look at adjacent pairs.
         pairs = [f"{a};{b}" for a, b in itertools.pairwise(frames)]
         for label, pattern in PROFILE_STEPS:
             if any(pattern.search(frame) for frame in frames) or any(pattern.search(pair) for pair in pairs):
-                steps[label] += count
+                profile.steps[label] += count
         innermost = (label for frame in reversed(frames) for label, p in PROFILE_AREAS if p.search(frame))
-        areas[next(innermost, "other")] += count
-    if total == 0:
-        return "profile: no samples"
+        profile.areas[next(innermost, "other")] += count
+    return profile
 
-    def pct(n: int) -> str:
-        return f"{100 * n / total:5.1f}%"
 
-    lines = [f"profile: {total} samples of the busy gateway (time idle in epoll is not sampled)", ""]
-    lines += ["mint pipeline, inclusive:"] + [f"  {pct(steps[label])}  {label}" for label, _ in PROFILE_STEPS]
-    lines += ["", "by area, exclusive:"] + [f"  {pct(n)}  {label}" for label, n in areas.most_common()]
-    lines += ["", f"top {top} functions by own time:"] + [f"  {pct(n)}  {frame}" for frame, n in own.most_common(top)]
+def summarize_profiles(profiles: dict[str, tuple[Profile, float]], top: int = 15) -> str:
+    """Steps, areas and top functions as microseconds of gateway CPU per mint, one column per mode.
+
+    `profiles` maps a mode to its profile and the gateway CPU per mint measured meanwhile. py-spy samples only
+    busy time, so a row's share of a mode's samples times that CPU is what the row costs a mint. With two
+    modes a last column says what the second adds: where the Redis mode's extra time per mint goes.
+    """
+    names = list(profiles)
+    us_per_sample = {name: cpu * 1e6 / p.total if p.total else 0.0 for name, (p, cpu) in profiles.items()}
+
+    def row(counts: dict[str, int], label: str) -> str:
+        values = [counts[name] * us_per_sample[name] for name in names]
+        extra = f"{values[-1] - values[0]:>+8.1f}" if len(values) > 1 else ""
+        return "  " + "".join(f"{v:>8.1f}" for v in values) + extra + f"  {label}"
+
+    def section(title: str, labels: Sequence[str], counters: dict[str, Counter[str]]) -> list[str]:
+        header = "".join(f"{name:>8}" for name in names) + ("   extra" if len(names) > 1 else "")
+        return ["", title, "  " + header] + [row({n: counters[n][label] for n in names}, label) for label in labels]
+
+    samples = ", ".join(f"{name} {p.total}" for name, (p, _) in profiles.items())
+    lines = [
+        f"profile: samples of the busy gateway ({samples}; time idle in epoll is not sampled), in us of gateway CPU",
+        "per mint: a row's share of the samples x the gw CPU/req above. ~1 us is sampling noise.",
+    ]
+    steps = {n: p.steps for n, (p, _) in profiles.items()}
+    lines += section("mint pipeline, inclusive:", [label for label, _ in PROFILE_STEPS], steps)
+    areas = {n: p.areas for n, (p, _) in profiles.items()}
+    lines += section("by area, exclusive:", rank([(areas[n], us_per_sample[n]) for n in names], None), areas)
+    own = {n: p.own for n, (p, _) in profiles.items()}
+    lines += section(f"top {top} functions by own time:", rank([(own[n], us_per_sample[n]) for n in names], top), own)
     return "\n".join(lines)
+
+
+def rank(scaled: Sequence[tuple[Counter[str], float]], top: int | None) -> list[str]:
+    """Labels by their largest cost (count x scale) in any mode, costliest first."""
+    cost: dict[str, float] = {}
+    for counter, scale in scaled:
+        for label, count in counter.items():
+            cost[label] = max(cost.get(label, 0.0), count * scale)
+    return sorted(cost, key=cost.__getitem__, reverse=True)[:top]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -708,44 +748,81 @@ def format_ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.2f} ms"
 
 
-def report(info: dict[str, str], setup: dict[str, str], livez: Run, mint: Run, args: argparse.Namespace) -> str:
-    ratio = mint.stats.requests_per_sec / livez.stats.requests_per_sec if livez.stats.requests_per_sec else 0.0
+@dataclasses.dataclass
+class Outcome:
+    """What one mode's gateway gave: its mint run, the /livez run (first mode only) and its py-spy stacks."""
+
+    mode: Mode
+    mint: Run
+    livez: Run | None
+    profile: Path | None
+
+    @property
+    def failed(self) -> bool:
+        runs = [self.mint] if self.livez is None else [self.livez, self.mint]
+        return any(run.stats.errors for run in runs) or bool(self.mint.stats.lua.get("exhausted"))
+
+
+def share(seconds: float | None, run: Run) -> str:
+    return "-" if seconds is None else f"{seconds / run.wall_seconds:.0%}"
+
+
+def report(
+    info: dict[str, str], setup: dict[str, str], livez: Run, outcomes: Sequence[Outcome], args: argparse.Namespace
+) -> str:
     lines = [
         "gateway benchmark",
         f"  machine : {info['nproc']} CPUs ({info['cpu']}), {info['system']}, {info['python']}, {info['wrk']}",
         f"  load    : {info['load']} (1/5/15 min load average before the run)",
         *(f"  {name:<8}: {value}" for name, value in setup.items()),
         "",
-        # CPU columns are shares of one core over the run; "other" is everything but the gateway and wrk.
-        f"  {'':<17}{'req/s':>8}{'p50':>10}{'p99':>10}{'non-200':>8}{'sockerr':>8}"
-        f"{'gw CPU':>7}{'wrk':>6}{'other':>6}{'gw CPU/req':>12}",
+        # CPU columns are shares of one core over the run; "other" is everything but the gateway, wrk and our
+        # own redis-server.
+        f"  {'':<19}{'req/s':>8}{'p50':>10}{'p99':>10}{'non-200':>8}{'sockerr':>8}"
+        f"{'gw CPU':>7}{'wrk':>6}{'redis':>6}{'other':>6}{'gw CPU/req':>12}",
     ]
-    for name, run in (("GET  /livez", livez), ("POST mint-token", mint)):
+    for name, run in [("GET  /livez", livez), *((o.mode.label, o.mint) for o in outcomes)]:
         s = run.stats
         lines.append(
-            f"  {name:<17}{s.requests_per_sec:>8,.0f}{format_ms(s.latency.get('50')):>10}"
+            f"  {name:<19}{s.requests_per_sec:>8,.0f}{format_ms(s.latency.get('50')):>10}"
             f"{format_ms(s.latency.get('99')):>10}{s.non200:>8}{sum(s.socket_errors.values()):>8}"
-            f"{run.gateway_cpu_seconds / run.wall_seconds:>7.0%}{run.wrk_cpu_seconds / run.wall_seconds:>6.0%}"
-            f"{run.other_cpu_seconds / run.wall_seconds:>6.0%}{run.cpu_per_request * 1e6:>9.0f} us"
+            f"{share(run.gateway_cpu_seconds, run):>7}{share(run.wrk_cpu_seconds, run):>6}"
+            f"{share(run.redis_cpu_seconds, run):>6}{share(run.other_cpu_seconds, run):>6}"
+            f"{run.cpu_per_request * 1e6:>9.0f} us"
         )
-    cost = mint.cpu_per_request / livez.cpu_per_request if livez.cpu_per_request else 0.0
-    lines += ["", f"  mint/livez ratio: {ratio:.2f} by req/s; a mint costs {cost:.1f}x a livez in gateway CPU"]
-    # What one worker would do with a whole core to itself, from the CPU it spent per mint.
-    per_worker = 1 / mint.cpu_per_request if mint.cpu_per_request else 0.0
-    met = "met" if mint.stats.requests_per_sec >= args.target else "NOT met"
-    lines.append(
-        f"  target {args.target:,} mints/s with {args.workers} worker(s): {met} "
-        f"({mint.stats.requests_per_sec / args.target:.0%}); one worker on a whole core: ~{per_worker:,.0f} mints/s"
-    )
-    statuses = mint.stats.lua.get("statuses", {})
-    if statuses:
-        lines.append(f"  mint statuses: {', '.join(f'{k}: {v}' for k, v in sorted(statuses.items()))}")
-    if mint.stats.lua.get("exhausted"):
-        lines.append(
-            f"  WARNING: all {mint.stats.lua.get('tokens_available')} tokens were used before the run ended; the mint "
-            "rate above is a lower bound. Rerun with a higher --rate (more tokens)."
-        )
-    if max(livez.other_cpu_seconds / livez.wall_seconds, mint.other_cpu_seconds / mint.wall_seconds) > 0.15:
+    lines.append("")
+    for o in outcomes:
+        mint = o.mint
+        ratio = mint.stats.requests_per_sec / livez.stats.requests_per_sec if livez.stats.requests_per_sec else 0.0
+        cost = mint.cpu_per_request / livez.cpu_per_request if livez.cpu_per_request else 0.0
+        # What one worker would do with a whole core to itself, from the CPU it spent per mint.
+        per_worker = 1 / mint.cpu_per_request if mint.cpu_per_request else 0.0
+        met = "met" if mint.stats.requests_per_sec >= o.mode.target else "NOT met"
+        lines += [
+            f"  {o.mode.where:<10}: target {o.mode.target:,} mints/s with {args.workers} worker(s): {met} "
+            f"({mint.stats.requests_per_sec / o.mode.target:.0%}); one worker on a whole core: ~{per_worker:,.0f}/s",
+            f"  {'':<10}  mint/livez {ratio:.2f} by req/s; a mint costs {cost:.1f}x a livez in gateway CPU",
+        ]
+    if len(outcomes) == 2:
+        base, other = (o.mint for o in outcomes)
+        extra = other.cpu_per_request - base.cpu_per_request
+        line = f"  {outcomes[1].mode.where} adds {extra * 1e6:+.0f} us of gateway CPU per mint"
+        line += f" ({extra / base.cpu_per_request:+.0%})" if base.cpu_per_request else ""
+        if other.redis_cpu_seconds is not None and other.stats.requests:
+            line += f", and redis-server spends {other.redis_cpu_seconds / other.stats.requests * 1e6:.0f} us"
+        lines.append(line)
+    for o in outcomes:
+        lua = o.mint.stats.lua
+        if lua.get("statuses"):
+            statuses = ", ".join(f"{k}: {v}" for k, v in sorted(lua["statuses"].items()))
+            lines.append(f"  mint statuses ({o.mode.where}): {statuses}")
+        if lua.get("exhausted"):
+            lines.append(
+                f"  WARNING: all {lua.get('tokens_available')} tokens of the {o.mode.where} run were used before it "
+                "ended; its mint rate is a lower bound. Rerun with a higher --rate (more tokens)."
+            )
+    runs = [livez, *(o.mint for o in outcomes)]
+    if max(run.other_cpu_seconds / run.wall_seconds for run in runs) > 0.15:
         lines.append("  NOTE: something else used the CPUs during the run; req/s is noisy, CPU/req less so.")
     return "\n".join(lines)
 
@@ -759,32 +836,70 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (default 1)")
     parser.add_argument(
-        "--rate", type=int, default=TARGET_RATE, help=f"mints/s to sign tokens for (default {TARGET_RATE}); "
-        "tokens = rate x duration x 1.3",
+        "--mode", choices=["both", "memory", "redis"], default="both", help="spend jtis in memory, in Redis, or "
+        "both, one gateway after the other (default both)",
     )  # fmt: skip
-    parser.add_argument("--target", type=int, default=TARGET_RATE, help="mints/s the summary compares against")
-    parser.add_argument("--tokens", type=int, help="number of tokens to sign (overrides --rate)")
+    parser.add_argument(
+        "--redis", metavar="auto|URL", default=AUTO, help="the Redis of the Redis mode: auto (default) starts a "
+        "throwaway redis-server on a free port and stops it at the end; a URL is used as is",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rate", type=int, default=TARGET_RATE, help=f"mints/s to sign tokens for (default {TARGET_RATE}); "
+        "tokens = rate x duration x 1.3 per mode",
+    )  # fmt: skip
+    parser.add_argument(
+        "--target", type=int, default=TARGET_RATE, help=f"mints/s the in-process mode should reach (default "
+        f"{TARGET_RATE})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--redis-target", type=int, default=REDIS_TARGET_RATE, help="mints/s the Redis mode should reach "
+        f"(default {REDIS_TARGET_RATE})",
+    )  # fmt: skip
+    parser.add_argument("--tokens", type=int, help="number of tokens to sign per mode (overrides --rate)")
     parser.add_argument(
         "--tokens-file", type=Path, help="keep tokens here (with a .meta.json sidecar) and reuse them on later "
         "runs instead of signing again; reuse needs the issuer port recorded in the sidecar to be free",
     )  # fmt: skip
     parser.add_argument("--sign-processes", type=int, default=os.cpu_count() or 1, help="signing processes")
     parser.add_argument("--warmup", type=int, default=20, help="warm-up mints before measuring (default 20)")
-    parser.add_argument("--redis", metavar="URL", help="set redis_url so jtis are spent in Redis")
     parser.add_argument(
-        "--profile", type=Path, metavar="FILE", help="record the gateway with py-spy during the mint run (raw "
-        "collapsed stacks, loadable in speedscope) and print where the time goes; slows the gateway a little",
+        "--profile", type=Path, metavar="FILE", help="record each gateway with py-spy during its mint run (raw "
+        "collapsed stacks in FILE with .memory/.redis before the suffix, loadable in speedscope) and print where "
+        "each mint's time goes, side by side; slows the gateway a little",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--verbose", action="store_true", help="print wrk's own output")
     return parser.parse_args(argv)
 
 
-def start_issuer_for(args: argparse.Namespace, needed: int) -> tuple[TestIssuer, RSAKey, TokenFile | None, bool]:
-    """Start the issuer, with the key and port of a reusable tokens file if there is one; True if reusing."""
+def preflight(args: argparse.Namespace) -> str | None:
+    """Why this run cannot start, before anything is started or signed; None if it can."""
+    if shutil.which("wrk") is None:
+        return "wrk is not on PATH; install it with: apt-get install -y wrk"
+    if args.profile and find_py_spy() is None:
+        return "--profile needs py-spy: /work/venv/bin/pip install py-spy"
+    if args.connections < args.threads:
+        return "--connections must be at least --threads"
+    if args.mode != "memory" and args.redis == AUTO and shutil.which("redis-server") is None:
+        return (
+            "the Redis mode needs redis-server on PATH (apt-get install -y redis-server); "
+            "or pass --redis URL, or --mode memory"
+        )
+    if args.mode != "memory" and args.redis != AUTO and not args.redis.startswith(("redis://", "rediss://", "unix://")):
+        return "--redis takes auto or a redis://, rediss:// or unix:// URL"
+    return None
+
+
+def start_issuer_for(
+    args: argparse.Namespace, needed: int, spent_in: str | None
+) -> tuple[TestIssuer, RSAKey, TokenFile | None, bool]:
+    """Start the issuer, with the key and port of a reusable tokens file if there is one; True if reusing.
+
+    `spent_in` is a Redis that outlives this run, in which an earlier run may have spent the file's tokens.
+    """
     token_file = TokenFile(args.tokens_file) if args.tokens_file else None
     meta = token_file.load_meta() if token_file else None
-    problem = reuse_problem(meta, needed=needed, duration=args.duration, redis_url=args.redis)
+    problem = reuse_problem(meta, needed=needed, duration=args.duration, redis_url=spent_in)
     if token_file is not None and meta is not None and problem is None:
         if port_is_free(meta["issuer_port"]):
             key = RSAKey.import_key(meta["key"])
@@ -819,10 +934,10 @@ def prepare_tokens(
     return path, summary
 
 
-def start_profiler(py_spy: str, pid: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+def start_profiler(py_spy: str, pid: int, args: argparse.Namespace, output: Path) -> subprocess.Popen[bytes]:
     command = [
         py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
-        "--duration", str(args.duration), "--output", str(args.profile),
+        "--duration", str(args.duration), "--output", str(output),
     ]  # fmt: skip
     if args.workers > 1:
         command.append("--subprocesses")
@@ -840,87 +955,116 @@ def finish_profiler(profiler: subprocess.Popen[bytes] | None, args: argparse.Nam
 
 
 def benchmark(
-    args: argparse.Namespace, issuer: TestIssuer, key: RSAKey, tokens_path: Path, directory: Path, py_spy: str | None
-) -> tuple[Run, Run, bool]:
-    """Start the gateway, warm it up, and measure /livez then mint-token; True if a profile was recorded."""
+    args: argparse.Namespace,
+    issuer: TestIssuer,
+    key: RSAKey,
+    directory: Path,
+    py_spy: str | None,
+    mode: Mode,
+    script_args: Sequence[str],
+    *,
+    with_livez: bool,
+) -> Outcome:
+    """Start a gateway for `mode`, warm it up, measure /livez (if asked) then mint-token, and stop it."""
     # Warm-up tokens share the key and claims but are never in the file, so no token is sent twice.
     assert key.kid is not None
     warm_tokens = TokenSigner(key.as_pem(private=True), key.kid).sign(
         token_claims(issuer, int(time.time())), args.warmup
     )
+    # A directory per mode: each gateway gets its own config and signing key, as a separate deployment would.
+    directory = directory / mode.name
+    directory.mkdir()
     port = free_port()
-    config = write_config(directory, issuer, gateway_port=port, redis_url=args.redis)
+    config = write_config(directory, issuer, gateway_port=port, redis_url=mode.redis_url)
     base = f"http://127.0.0.1:{port}"
     log = directory / "gateway.log"
     gateway = start_gateway(config, port=port, workers=args.workers, log=log)
     try:
         warm_up(base, warm_tokens)
-        print(f"measuring GET {LIVEZ_PATH} for {args.duration} s...", flush=True)
-        livez = measure(base, LIVEZ_PATH, gateway, args)
-        profiler = start_profiler(py_spy, gateway.pid, args) if py_spy is not None else None
-        print(f"measuring POST {MINT_PATH} for {args.duration} s...", flush=True)
-        mint = measure(base, MINT_PATH, gateway, args, script_args=[str(tokens_path), str(args.threads)])
+        livez = None
+        if with_livez:
+            print(f"measuring GET {LIVEZ_PATH} for {args.duration} s...", flush=True)
+            livez = measure(base, LIVEZ_PATH, gateway, args)
+        profile = None
+        if py_spy is not None and args.profile is not None:
+            profile = args.profile.with_name(f"{args.profile.stem}.{mode.name}{args.profile.suffix}")
+        profiler = None if profile is None or py_spy is None else start_profiler(py_spy, gateway.pid, args, profile)
+        print(f"measuring POST {MINT_PATH} (jti store: {mode.where}) for {args.duration} s...", flush=True)
+        mint = measure(base, MINT_PATH, gateway, args, script_args, redis_pid=mode.redis_pid)
         profiled = finish_profiler(profiler, args)
     finally:
         stop_gateway(gateway)
     if gateway.returncode not in (0, -signal.SIGINT):
         print(f"gateway exited with {gateway.returncode}:\n{tail(log)}", file=sys.stderr)
-    return livez, mint, profiled
+    return Outcome(mode, mint, livez, profile if profiled else None)
+
+
+def describe(args: argparse.Namespace, modes: Sequence[Mode]) -> dict[str, str]:
+    """The setup lines of the summary, before the tokens line."""
+    order = ", then ".join(m.where for m in modes)
+    setup = {"gateway": f"{args.workers} worker(s); a fresh gateway per jti store, in order: {order}"}
+    for m in modes:
+        if m.redis_url is not None:
+            whose = "started for this run" if m.redis_pid is not None else "given with --redis, used as is"
+            setup["redis"] = f"Redis {m.redis_version} at {m.redis_url}, {whose}"
+    setup["wrk"] = f"{args.threads} thread(s), {args.connections} connections, {args.duration} s per run"
+    return setup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("wrk is not on PATH; install it with: apt-get install -y wrk", file=sys.stderr)
+    problem = preflight(args)
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 2
     py_spy = find_py_spy() if args.profile else None
-    if args.profile and py_spy is None:
-        print("--profile needs py-spy: /work/venv/bin/pip install py-spy", file=sys.stderr)
-        return 2
-    if args.connections < args.threads:
-        print("--connections must be at least --threads", file=sys.stderr)
-        return 2
 
     info = machine_info()
+    # Each mode gets its own slice of `needed` tokens: a jti spent in one store is never sent to the other.
     needed = args.tokens or math.ceil(args.rate * args.duration * 1.3)
-    setup = {
-        "gateway": f"{args.workers} worker(s), replay store " + (f"Redis {args.redis}" if args.redis else "in memory"),
-        "wrk": f"{args.threads} thread(s), {args.connections} connections, {args.duration} s per run",
-    }
-    issuer, key, token_file, reuse = start_issuer_for(args, needed)
-    try:
-        with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
-            directory = Path(tmp)
-            if reuse:
-                assert token_file is not None
-                tokens_path = token_file.path
-                setup["tokens"] = f"reused from {tokens_path}"
-            else:
-                tokens_path, setup["tokens"] = prepare_tokens(args, issuer, key, token_file, directory, needed)
-            livez, mint, profiled = benchmark(args, issuer, key, tokens_path, directory, py_spy)
-            if args.redis and token_file is not None:
-                token_file.mark_spent(args.redis)
-    finally:
-        issuer.stop()
+    outcomes: list[Outcome] = []
+    with contextlib.ExitStack() as stack:
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-bench-")))
+        modes = modes_for(args, stack, directory)
+        setup = describe(args, modes)
+        # A Redis this script did not start remembers what earlier runs spent in it; a fresh one, and memory, do not.
+        spent_in = next((m.redis_url for m in modes if m.redis_url is not None and m.redis_pid is None), None)
+        issuer, key, token_file, reuse = start_issuer_for(args, needed * len(modes), spent_in)
+        stack.callback(issuer.stop)
+        if reuse:
+            assert token_file is not None
+            tokens_path = token_file.path
+            setup["tokens"] = f"reused from {tokens_path}"
+        else:
+            tokens_path, setup["tokens"] = prepare_tokens(args, issuer, key, token_file, directory, needed * len(modes))
+        setup["tokens"] += f"; {needed:,} per mode"
+        for index, mode in enumerate(modes):
+            if mode.redis_url is not None and mode.redis_url == spent_in and token_file is not None:
+                # Before the run, not after: a run that fails halfway has spent some of them all the same.
+                token_file.mark_spent(spent_in)
+            script_args = [str(tokens_path), str(args.threads), str(index * needed), str(needed)]
+            outcomes.append(benchmark(args, issuer, key, directory, py_spy, mode, script_args, with_livez=index == 0))
 
+    livez = outcomes[0].livez
+    assert livez is not None
     print()
-    print(report(info, setup, livez, mint, args))
-    if profiled:
-        assert args.profile is not None
+    print(report(info, setup, livez, outcomes, args))
+    profiles = {o.mode.name: (read_profile(o.profile), o.mint.cpu_per_request) for o in outcomes if o.profile}
+    if profiles:
         print()
-        print(summarize_profile(args.profile))
-        print(f"\n(raw stacks in {args.profile}; open them in https://www.speedscope.app)")
+        print(summarize_profiles(profiles))
+        paths = ", ".join(str(o.profile) for o in outcomes if o.profile)
+        print(f"\n(raw stacks in {paths}; open them in https://www.speedscope.app)")
     if args.json:
         results = {
             "machine": info,
             "setup": setup,
             "livez": dataclasses.asdict(livez),
-            "mint": dataclasses.asdict(mint),
-            "ratio": mint.stats.requests_per_sec / (livez.stats.requests_per_sec or 1),
+            "mint": {o.mode.name: dataclasses.asdict(o.mint) for o in outcomes},
+            "target": {o.mode.name: o.mode.target for o in outcomes},
         }
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-    failed = livez.stats.errors + mint.stats.errors > 0 or bool(mint.stats.lua.get("exhausted"))
-    return 1 if failed else 0
+    return 1 if any(o.failed for o in outcomes) else 0
 
 
 if __name__ == "__main__":

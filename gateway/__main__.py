@@ -89,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "source", metavar="TOKEN", help="the ID token, or - to read it from standard input (keeps it out of ps)"
     )
 
+    commands.add_parser(
+        "demo",
+        help="run the whole flow locally, no network: a test issuer, a gateway, a token exchanged and verified",
+    )
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
@@ -98,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _probe(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "demo":
+        from . import demo
+
+        return demo.main()
     return _keygen(args)
 
 

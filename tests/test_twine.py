@@ -1,0 +1,330 @@
+"""End to end with the real clients: `python -m id`, twine and pip, through the gateway into a real pypiserver.
+
+This is PyPI's GitLab recipe run against the gateway: the job reads its ID token with `python -m id PYPI`, POSTs
+it to /_/oidc/mint-token, and runs `twine upload -u __token__ -p <minted>` to the gateway's /legacy/. The index is
+pypiserver with an htpasswd user, which knows nothing of trusted publishing; the gateway (a real `gateway serve`
+process) uploads with the operator's credentials. Every tool runs as a subprocess, as it would in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from joserfc.jwk import Key
+
+from gateway.identity import Identity
+from gateway.mint import Signer, generate_key
+from gateway.testing import TestIssuer, free_port
+from tests.conftest import gitlab_issuer, write_config
+
+OPERATOR = ("operator", "operator-secret")
+PROJECT = "tinypkg"
+VERSION = "0.1.0"
+SDIST = f"{PROJECT}-{VERSION}.tar.gz"
+WHEEL = f"{PROJECT}-{VERSION}-py2.py3-none-any.whl"  # flit-core tags pure wheels py2.py3
+PUBLISHER = {
+    "issuer": "gitlab-com",
+    "repository": "group/project",
+    "workflow": ".gitlab-ci.yml",
+    "projects": [PROJECT],
+}
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a CI job: no pip, twine or gateway settings of this machine's."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("PIP_", "TWINE_", "GATEWAY_", "GITLAB_", "GITHUB_", "PYPI_"))
+    }
+    return env | {"PIP_CONFIG_FILE": os.devnull, "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"} | extra
+
+
+def wait_for(url: str, process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{what} exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}"
+            )
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+@dataclass
+class PyPIServer:
+    url: str
+    packages: Path
+
+    def stored(self) -> list[str]:
+        return sorted(path.name for path in self.packages.iterdir())
+
+
+@pytest.fixture(scope="module")
+def pypiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PyPIServer]:
+    """A real pypiserver on loopback: uploads need the operator's htpasswd login, downloads are open."""
+    root = tmp_path_factory.mktemp("pypiserver")
+    packages = root / "packages"
+    packages.mkdir()
+    with warnings.catch_warnings():
+        # passlib imports the standard library's deprecated `crypt`; pypiserver itself uses passlib the same way.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from passlib.apache import HtpasswdFile
+    passwords = HtpasswdFile(str(root / "htpasswd"), new=True)
+    passwords.set_password(*OPERATOR)
+    passwords.save()
+    port = free_port()
+    command = [
+        sys.executable, "-m", "pypiserver", "run", "--host", "127.0.0.1", "--port", str(port),
+        "--passwords", str(root / "htpasswd"), "--authenticate", "update",
+        "--disable-fallback", "--server", "wsgiref", str(packages),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=clean_env(),
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", process, "pypiserver")
+        yield PyPIServer(f"http://127.0.0.1:{port}", packages)
+    finally:
+        stop(process)
+
+
+@dataclass
+class GatewayProcess:
+    url: str
+    key: Key
+
+    def mint(self, id_token: str) -> dict[str, object]:
+        response = httpx.post(f"{self.url}/_/oidc/mint-token", json={"token": id_token}, timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+
+def serve_gateway(
+    directory: Path, issuer: TestIssuer, upstream: str, password: str
+) -> tuple[GatewayProcess, subprocess.Popen[bytes]]:
+    """Start `gateway serve` with [upstream] pointing at the index, the password in an environment variable."""
+    directory.mkdir()
+    key = generate_key()
+    (directory / "key.json").write_text(json.dumps(key.as_dict(private=True)))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    path = write_config(directory, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], url=url, signing_key="key.json")
+    upstream_table = (
+        f'\n[upstream]\nurl = "{upstream}/"\nusername = "{OPERATOR[0]}"\npassword_env = "UPSTREAM_PASSWORD"\n'
+    )
+    path.write_text(path.read_text() + upstream_table)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=clean_env(UPSTREAM_PASSWORD=password),
+    )
+    try:
+        wait_for(f"{url}/readyz", process, "gateway serve")
+    except BaseException:
+        stop(process)
+        raise
+    return GatewayProcess(url, key), process
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, _issuer: TestIssuer, pypiserver: PyPIServer
+) -> Iterator[GatewayProcess]:
+    served, process = serve_gateway(tmp_path_factory.mktemp("gw") / "gateway", _issuer, pypiserver.url, OPERATOR[1])
+    try:
+        yield served
+    finally:
+        stop(process)
+
+
+def build(directory: Path, name: str) -> list[Path]:
+    """Write a tiny project and build its sdist and wheel with `python -m build` (flit-core, no network)."""
+    source = directory / name
+    (source / name).mkdir(parents=True)
+    (source / name / "__init__.py").write_text(f'"""{name}: a package for the end-to-end test."""\n')
+    (source / "pyproject.toml").write_text(
+        "[build-system]\n"
+        'requires = ["flit_core>=3.4"]\n'
+        'build-backend = "flit_core.buildapi"\n'
+        "[project]\n"
+        f'name = "{name}"\n'
+        f'version = "{VERSION}"\n'
+        f'description = "{name} for the end-to-end test"\n'
+    )
+    dist = directory / f"{name}-dist"
+    run([sys.executable, "-m", "build", "--no-isolation", "--skip-dependency-check", "--outdir", str(dist)], cwd=source)
+    return sorted(dist.iterdir())
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    directory = tmp_path_factory.mktemp("build")
+    return {name: build(directory, name) for name in (PROJECT, "otherpkg")}
+
+
+def run(
+    args: list[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        args, capture_output=True, text=True, env=dict(env or clean_env()), cwd=cwd, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"{args[:4]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def twine(gateway: GatewayProcess, password: str, files: list[Path], *, verbose: bool = True) -> tuple[int, str]:
+    args = [
+        sys.executable, "-m", "twine", "--no-color", "upload",
+        "--repository-url", f"{gateway.url}/legacy/",
+        "-u", "__token__", "-p", password,
+        "--non-interactive", "--disable-progress-bar",
+        *(["--verbose"] if verbose else []),
+        *map(str, files),
+    ]  # fmt: skip
+    # Wide, so rich does not wrap the reason across lines.
+    result = subprocess.run(
+        args, capture_output=True, text=True, env=clean_env(COLUMNS="250"), timeout=120, check=False
+    )
+    return result.returncode, ANSI.sub("", result.stdout + result.stderr)
+
+
+def id_token_from_id(token: str) -> str:
+    """`python -m id pypi` in a GitLab CI job: it reads the token GitLab put in $PYPI_ID_TOKEN.
+
+    Lower case, as PyPI's GitLab docs now say: id 1.6 checks the token's `aud` against its argument exactly, so
+    the older `python -m id PYPI` fails for `aud: pypi` (the variable name is upper-cased either way).
+    """
+    result = run([sys.executable, "-m", "id", "pypi"], env=clean_env(GITLAB_CI="true", PYPI_ID_TOKEN=token))
+    return result.stdout.strip()
+
+
+def forged(key: Key, gateway: GatewayProcess, *, issued: float) -> str:
+    identity = Identity(
+        issuer="gitlab-com", issuer_url="https://gitlab.test", kind="gitlab", repository="group/project"
+    )
+    return (
+        Signer(key)
+        .mint(identity=identity, projects=[PROJECT], issuer=gateway.url, audience="pypi", ttl=900, now=issued)
+        .token
+    )
+
+
+def test_gitlab_recipe_publishes_through_the_gateway(
+    gateway: GatewayProcess, pypiserver: PyPIServer, _issuer: TestIssuer, dists: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    """id -> mint-token -> twine upload lands the sdist and wheel in pypiserver, and pip downloads the wheel."""
+    id_token = _issuer.gitlab_token()
+    assert id_token_from_id(id_token) == id_token
+    minted = gateway.mint(id_token)
+    assert minted["projects"] == [PROJECT]
+
+    code, output = twine(gateway, str(minted["token"]), dists[PROJECT])
+    assert code == 0, output
+    assert pypiserver.stored() == sorted([SDIST, WHEEL])
+    assert str(minted["token"]) not in output
+
+    simple = httpx.get(f"{pypiserver.url}/simple/{PROJECT}/", timeout=10)
+    assert simple.status_code == 200
+    assert SDIST in simple.text and WHEEL in simple.text
+    built = {path.name: path.read_bytes() for path in dists[PROJECT]}
+    sdist_link = re.search(rf'href="([^"#]*{re.escape(SDIST)})', simple.text)
+    assert sdist_link is not None
+    assert httpx.get(httpx.URL(f"{pypiserver.url}/simple/{PROJECT}/").join(sdist_link[1])).content == built[SDIST]
+
+    downloads = tmp_path / "downloads"
+    pip = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--no-cache-dir",
+        "--index-url", f"{pypiserver.url}/simple/", "--dest", str(downloads), f"{PROJECT}=={VERSION}",
+    ]  # fmt: skip
+    run(pip)
+    assert (downloads / WHEEL).read_bytes() == built[WHEEL]
+
+
+def test_project_outside_the_token_is_refused_and_nothing_lands(
+    gateway: GatewayProcess, pypiserver: PyPIServer, _issuer: TestIssuer, dists: dict[str, list[Path]]
+) -> None:
+    """twine uploading another project with the minted token fails with 403 and the reason, and nothing is stored."""
+    before = pypiserver.stored()
+    token = str(gateway.mint(_issuer.gitlab_token())["token"])
+    code, output = twine(gateway, token, dists["otherpkg"], verbose=False)
+    assert code != 0
+    # Without --verbose twine shows only the status line: uvicorn cannot send a custom reason phrase.
+    assert f"HTTPError: 403 Forbidden from {gateway.url}/legacy/" in output
+    code, output = twine(gateway, token, dists["otherpkg"])
+    assert code != 0
+    assert "this upload token may not upload to project 'otherpkg'; it allows: tinypkg" in output
+    assert pypiserver.stored() == before
+    assert httpx.get(f"{pypiserver.url}/simple/otherpkg/", timeout=10).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("which", "reason"),
+    [
+        pytest.param("expired", "expired", id="expired"),
+        pytest.param("foreign", "is not one of the gateway's signing keys", id="foreign-signed"),
+    ],
+)
+def test_expired_or_foreign_minted_token_is_refused(
+    gateway: GatewayProcess, pypiserver: PyPIServer, dists: dict[str, list[Path]], which: str, reason: str
+) -> None:
+    """twine with an expired token of the gateway's own key, or a token of another key, gets 403 and the reason."""
+    before = pypiserver.stored()
+    if which == "expired":
+        token = forged(gateway.key, gateway, issued=time.time() - 3600)
+    else:
+        token = forged(generate_key(), gateway, issued=time.time())
+    code, output = twine(gateway, token, dists[PROJECT])
+    assert code != 0
+    assert f"HTTPError: 403 Forbidden from {gateway.url}/legacy/" in output
+    assert "invalid upload token: " in output and reason in output
+    assert pypiserver.stored() == before
+
+
+def test_wrong_upstream_password_reports_the_upstreams_refusal(
+    tmp_path: Path, pypiserver: PyPIServer, _issuer: TestIssuer, dists: dict[str, list[Path]]
+) -> None:
+    """With the operator's password wrong, twine reports pypiserver's own refusal, and nothing is stored."""
+    before = pypiserver.stored()
+    gateway, process = serve_gateway(tmp_path / "gateway", _issuer, pypiserver.url, "not-the-password")
+    try:
+        token = str(gateway.mint(_issuer.gitlab_token())["token"])
+        code, output = twine(gateway, token, dists[PROJECT])
+    finally:
+        stop(process)
+    assert code != 0
+    assert "HTTPError: 403 Forbidden" in output, output
+    assert "<title>Error: 403 Forbidden</title>" in output
+    assert pypiserver.stored() == before

@@ -1,0 +1,610 @@
+"""The /legacy/ upload proxy: who may upload what, what reaches the upstream index, and what comes back.
+
+The gateway runs from real config files with an [upstream] table and is driven over httpx's ASGI transport; its
+tokens are minted for real at /_/oidc/mint-token from the test issuer's ID tokens. The upstream is a real HTTP
+server on loopback that records every request it gets, so "nothing was forwarded" is observed, not assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from joserfc.jwk import Key
+from starlette.types import Receive, Scope, Send
+
+from gateway import config
+from gateway.app import create_app
+from gateway.mint import generate_key
+from gateway.testing import FakeClock, TestIssuer, free_port
+from tests.conftest import PUBLISHER, gitlab_issuer, write_config
+
+BOUNDARY = "9f2c4e6a8b0d1f3e5a7c9e1b3d5f7a9c"
+CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+OPERATOR = ("operator", "operator-secret")
+SDIST = "sampleproject-1.0.0.tar.gz"
+TTL = 900
+LEEWAY = 30
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class FakeIndex:
+    """A real HTTP server on loopback standing for the upstream index: records requests, answers as told."""
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self.status = 200
+        self.answer = b"OK"
+        self.answer_headers: dict[str, str] = {"content-type": "text/plain"}
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def reset(self) -> None:
+        self.received.clear()
+        self.status, self.answer = 200, b"OK"
+        self.answer_headers = {"content-type": "text/plain"}
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        self.received.append(Received(scope["method"], scope["path"], headers, bytes(body)))
+        raw = [(name.encode(), value.encode()) for name, value in self.answer_headers.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": raw})
+        await send({"type": "http.response.body", "body": self.answer})
+
+    def start(self) -> FakeIndex:
+        server = self._server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host="127.0.0.1",
+                port=0,
+                lifespan="off",
+                log_config=None,
+                log_level="warning",
+                http="h11",
+                interface="asgi3",
+            )
+        )
+        self._thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert self._thread.is_alive() and time.monotonic() < deadline, "fake index failed to start"
+            time.sleep(0.005)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/upload/"
+
+    def stop(self) -> None:
+        assert self._server is not None and self._thread is not None
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def _index() -> Iterator[FakeIndex]:
+    index = FakeIndex().start()
+    yield index
+    index.stop()
+
+
+@pytest.fixture
+def index(_index: FakeIndex) -> Iterator[FakeIndex]:
+    _index.reset()
+    yield _index
+    _index.reset()
+
+
+class Proxy:
+    """A gateway with [upstream] configured, over the ASGI transport."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.exchange = app.state.exchange
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://gateway.test")
+
+    async def mint(self, issuer: TestIssuer, **overrides: Any) -> str:
+        response = await self.client.post("/_/oidc/mint-token", json={"token": issuer.gitlab_token(**overrides)})
+        assert response.status_code == 200, response.text
+        return response.json()["token"]  # type: ignore[no-any-return]
+
+    async def upload(
+        self,
+        password: str | None,
+        body: bytes | AsyncIterator[bytes],
+        *,
+        content_type: str = CONTENT_TYPE,
+        username: str = "__token__",
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        sent = {"Content-Type": content_type, **(headers or {})}
+        if password is not None:
+            sent["Authorization"] = basic(username, password)
+        return await self.client.post("/legacy/", content=body, headers=sent)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.app.state.upload.aclose()
+        await self.exchange.keys.aclose()
+        await self.exchange.store.aclose()
+
+
+MakeProxy = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def make_proxy(
+    tmp_path: Path, clock: FakeClock, issuer: TestIssuer, index: FakeIndex
+) -> AsyncIterator[MakeProxy]:
+    made: list[Proxy] = []
+
+    async def make(
+        *,
+        key: Key | None = None,
+        previous: Sequence[Key] = (),
+        url: str | None = None,
+        max_upload: int | None = None,
+    ) -> Proxy:
+        directory = tmp_path / f"gateway-{len(made)}"
+        directory.mkdir()
+        keys = {"signing_key": write_key(directory / "key.json", key or generate_key())}
+        if previous:
+            keys["previous_signing_keys"] = [
+                write_key(directory / f"previous-{n}.json", old, private=False) for n, old in enumerate(previous)
+            ]
+        path = write_config(directory, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], **keys)
+        table = [
+            "[upstream]",
+            f"url = {json.dumps(url or index.url)}",
+            f'username = "{OPERATOR[0]}"',
+            'password_env = "UPSTREAM_PASSWORD"',
+        ]
+        if max_upload is not None:
+            table.append(f"max_upload = {max_upload}")
+        path.write_text(path.read_text() + "\n" + "\n".join(table) + "\n")
+        settings = config.load(path, {**os.environ, "UPSTREAM_PASSWORD": OPERATOR[1]})
+        made.append(Proxy(create_app(settings, clock=clock)))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        await proxy.aclose()
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy) -> Proxy:
+    return await make_proxy()
+
+
+def write_key(path: Path, key: Key, *, private: bool = True) -> str:
+    path.write_text(json.dumps(key.as_dict(private=private)))
+    return path.name
+
+
+def basic(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+def payload(size: int) -> bytes:
+    """Deterministic bytes that look random (so they never contain the boundary), `size` long."""
+    blocks = (hashlib.sha256(n.to_bytes(8, "big")).digest() for n in range(size // 32 + 1))
+    return b"".join(blocks)[:size]
+
+
+def part(name: str, value: bytes | str, *, filename: str | None = None, extra: str = "") -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    headers = f"Content-Disposition: {disposition}\r\n"
+    if filename:
+        headers += "Content-Type: application/octet-stream\r\n"
+    data = value.encode() if isinstance(value, str) else value
+    return f"--{BOUNDARY}\r\n{headers}{extra}\r\n".encode() + data + b"\r\n"
+
+
+CLOSE = f"--{BOUNDARY}--\r\n".encode()
+
+
+def fields(name: str = "sampleproject", action: str = "file_upload") -> bytes:
+    """The metadata fields twine sends before the file, repeated fields included."""
+    return b"".join(
+        [
+            part(":action", action),
+            part("protocol_version", "1"),
+            part("metadata_version", "2.4"),
+            part("name", name),
+            part("version", "1.0.0"),
+            part("filetype", "sdist"),
+            part("pyversion", "source"),
+            part("classifiers", "Programming Language :: Python :: 3"),
+            part("classifiers", "License :: OSI Approved :: MIT License"),
+        ]
+    )
+
+
+def upload_body(
+    name: str = "sampleproject", filename: str = SDIST, content: bytes = b"sdist bytes", action: str = "file_upload"
+) -> bytes:
+    return fields(name, action) + part("content", content, filename=filename) + CLOSE
+
+
+async def chunks(data: bytes, size: int, pulled: list[int]) -> AsyncIterator[bytes]:
+    """Yield `data` in pieces, recording how many bytes the server asked for."""
+    for start in range(0, len(data), size):
+        pulled.append(len(data[start : start + size]))
+        yield data[start : start + size]
+
+
+async def test_upload_is_forwarded_byte_for_byte_with_the_operators_credentials(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """A valid upload reaches the upstream unchanged, under the operator's Basic credentials, never the token."""
+    token = await proxy.mint(issuer)
+    # Larger than the in-memory spool, so the body goes through a temporary file on its way.
+    body = fields() + part("content", payload(1536 * 1024), filename=SDIST) + CLOSE
+    index.answer = b"stored sampleproject-1.0.0.tar.gz"
+    response = await proxy.upload(token, body)
+    assert response.status_code == 200, response.text
+    assert response.content == b"stored sampleproject-1.0.0.tar.gz"
+    [received] = index.received
+    assert (received.method, received.path) == ("POST", "/upload/")
+    assert received.body == body
+    assert received.headers["content-type"] == CONTENT_TYPE
+    assert received.headers["content-length"] == str(len(body))
+    assert received.headers["authorization"] == basic(*OPERATOR)
+    assert all(token not in value for value in received.headers.values())
+
+
+async def test_wheel_with_its_signature_and_a_normalized_name_is_forwarded(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """Names are compared PEP 503-normalized, and a wheel goes up together with its detached signature."""
+    token = await proxy.mint(issuer)
+    wheel = "SampleProject-1.0.0-py3-none-any.whl"
+    body = (
+        fields(name="Sample_Project")
+        + part("content", b"wheel bytes", filename=wheel)
+        + part("gpg_signature", b"signature", filename=wheel + ".asc")
+        + CLOSE
+    )
+    # "Sample_Project" normalizes to sample-project, which the publisher's "sampleproject" is not ...
+    refused = await proxy.upload(token, body)
+    assert refused.status_code == 403
+    # ... while "SampleProject" is the same project as "sampleproject".
+    body = body.replace(b"Sample_Project", b"SampleProject")
+    response = await proxy.upload(token, body)
+    assert response.status_code == 200, response.text
+    assert [received.body for received in index.received] == [body]
+
+
+@pytest.mark.parametrize("size", [1, 7, len(BOUNDARY) + 1])
+async def test_upload_in_small_pieces_is_read_the_same(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex, size: int
+) -> None:
+    """Delimiters and headers split across receive() chunks are found: the upload goes through, and the same
+    ambiguity is still caught."""
+    token = await proxy.mint(issuer)
+    body = upload_body(content=payload(3000))
+    assert (await proxy.upload(token, chunks(body, size, []))).status_code == 200
+    assert [received.body for received in index.received] == [body]
+    ambiguous = upload_body(content=f"a\r\n--{BOUNDARY}X\r\nb".encode())
+    response = await proxy.upload(token, chunks(ambiguous, size, []))
+    assert response.status_code == 400
+    assert "ambiguous" in response.text
+    assert len(index.received) == 1
+
+
+async def test_project_outside_the_token_is_refused_and_nothing_is_forwarded(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """A token for sampleproject cannot upload another project; the refusal names both, and upstream sees nothing."""
+    token = await proxy.mint(issuer)
+    response = await proxy.upload(token, upload_body(name="requests", filename="requests-2.99.0.tar.gz"))
+    assert response.status_code == 403
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.text == "this upload token may not upload to project 'requests'; it allows: sampleproject\n"
+    assert index.received == []
+
+
+async def token_of_another_gateway(proxy: Proxy, make_proxy: MakeProxy, issuer: TestIssuer) -> str:
+    # Same url and audience, its own signing key: exactly what a second, unrelated gateway would mint.
+    other = await make_proxy()
+    return await other.mint(issuer)
+
+
+async def unsigned(proxy: Proxy, make_proxy: MakeProxy, issuer: TestIssuer) -> str:
+    genuine = await proxy.mint(issuer)
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "none", "kid": proxy.exchange.signer.kid}).encode())
+    return header.rstrip(b"=").decode() + "." + genuine.split(".")[1] + "."
+
+
+async def gitlab_id_token(proxy: Proxy, make_proxy: MakeProxy, issuer: TestIssuer) -> str:
+    return issuer.gitlab_token()
+
+
+async def tampered(proxy: Proxy, make_proxy: MakeProxy, issuer: TestIssuer) -> str:
+    header, claims, signature = (await proxy.mint(issuer)).split(".")
+    decoded = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
+    decoded["projects"] = ["requests", "sampleproject"]
+    forged = base64.urlsafe_b64encode(json.dumps(decoded).encode()).rstrip(b"=").decode()
+    return f"{header}.{forged}.{signature}"
+
+
+async def garbage(proxy: Proxy, make_proxy: MakeProxy, issuer: TestIssuer) -> str:
+    return "pypi-AgEIcHlwaS5vcmcCJDk4"
+
+
+BAD_TOKENS = [
+    pytest.param(token_of_another_gateway, "is not one of the gateway's signing keys", id="signed-by-another-gateway"),
+    pytest.param(unsigned, "'none' does not match", id="alg-none"),
+    pytest.param(gitlab_id_token, "is not one of the gateway's signing keys", id="gitlab-id-token"),
+    pytest.param(tampered, "signature does not verify", id="projects-edited"),
+    pytest.param(garbage, "compact JWS", id="not-a-jwt"),
+]
+
+
+@pytest.mark.parametrize(("make", "fragment"), BAD_TOKENS)
+async def test_bad_token_is_refused_and_nothing_is_forwarded(
+    proxy: Proxy,
+    make_proxy: MakeProxy,
+    issuer: TestIssuer,
+    index: FakeIndex,
+    make: Callable[[Proxy, MakeProxy, TestIssuer], Awaitable[str]],
+    fragment: str,
+) -> None:
+    """A password that is not a valid token of this gateway gets 403 with the reason, and upstream sees nothing."""
+    token = await make(proxy, make_proxy, issuer)
+    response = await proxy.upload(token, upload_body())
+    assert response.status_code == 403
+    assert response.text.startswith("invalid upload token: ")
+    assert fragment in response.text
+    assert token not in response.text
+    assert index.received == []
+
+
+async def test_expired_token_is_refused(proxy: Proxy, issuer: TestIssuer, index: FakeIndex, clock: FakeClock) -> None:
+    """A minted token works until exp + leeway by the gateway's clock, and is refused as expired after it."""
+    token = await proxy.mint(issuer)
+    clock.advance(TTL + LEEWAY - 1)
+    assert (await proxy.upload(token, upload_body())).status_code == 200
+    clock.advance(2)
+    response = await proxy.upload(token, upload_body())
+    assert response.status_code == 403
+    assert "expired" in response.text
+    assert len(index.received) == 1
+
+
+async def test_previous_signing_key_is_accepted_during_rotation(
+    make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """After a key rotation, tokens minted with the previous key upload while it is listed, and not once dropped."""
+    old, new = generate_key(), generate_key()
+    before = await make_proxy(key=old)
+    token = await before.mint(issuer)
+    rotating = await make_proxy(key=new, previous=[old])
+    assert (await rotating.upload(token, upload_body())).status_code == 200
+    rotated = await make_proxy(key=new)
+    assert (await rotated.upload(token, upload_body())).status_code == 403
+    assert len(index.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("authorization", "status", "fragment"),
+    [
+        pytest.param(None, 401, "username __token__", id="none"),
+        pytest.param("Bearer abc.def.ghi", 401, "username __token__", id="bearer"),
+        pytest.param(basic("alice", "secret"), 403, "username must be __token__", id="wrong-username"),
+        pytest.param("Basic not*base64", 403, "not valid HTTP Basic", id="bad-base64"),
+        pytest.param("Basic " + base64.b64encode(b"__token__").decode(), 403, "__token__", id="no-password"),
+    ],
+)
+async def test_missing_or_malformed_credentials_are_refused_before_the_body_is_read(
+    proxy: Proxy, index: FakeIndex, authorization: str | None, status: int, fragment: str
+) -> None:
+    """Without usable Basic credentials the proxy answers from the headers alone: the body is never read."""
+    pulled: list[int] = []
+    headers = {"Authorization": authorization} if authorization else {}
+    response = await proxy.upload(None, chunks(upload_body(), 64, pulled), headers=headers)
+    assert response.status_code == status
+    assert fragment in response.text
+    if status == 401:
+        assert response.headers["www-authenticate"].startswith("Basic ")
+    assert pulled == []
+    assert index.received == []
+
+
+async def test_oversized_upload_is_refused_without_reading_it_all(
+    make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """A body past max_upload gets 413 as soon as the limit is crossed; the rest is never read or forwarded."""
+    limit = 64 * 1024
+    proxy = await make_proxy(max_upload=limit)
+    token = await proxy.mint(issuer)
+    body = fields() + part("content", payload(3 * limit), filename=SDIST) + CLOSE
+    pulled: list[int] = []
+    response = await proxy.upload(token, chunks(body, 4096, pulled))
+    assert response.status_code == 413
+    assert f"limit of {limit} bytes" in response.text
+    assert limit < sum(pulled) <= limit + 4096
+    assert index.received == []
+
+
+async def test_declared_oversized_upload_is_refused_before_reading(
+    make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """A Content-Length over max_upload is refused before a byte of the body is read."""
+    proxy = await make_proxy(max_upload=1024)
+    token = await proxy.mint(issuer)
+    body = upload_body(content=payload(2048))
+    pulled: list[int] = []
+    response = await proxy.upload(token, chunks(body, 512, pulled), headers={"Content-Length": str(len(body))})
+    assert response.status_code == 413
+    assert pulled == []
+    assert index.received == []
+
+
+@pytest.mark.parametrize(
+    ("status", "answer"),
+    [
+        pytest.param(400, b"400 Bad Request: Invalid distribution file.", id="400"),
+        pytest.param(409, b"Package 'sampleproject-1.0.0.tar.gz' already exists!", id="409"),
+        pytest.param(401, b"Access denied: bad credentials", id="401-operator-credentials"),
+        pytest.param(500, b"Internal index error", id="500"),
+    ],
+)
+async def test_upstream_answer_is_passed_back_faithfully(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex, status: int, answer: bytes
+) -> None:
+    """The upstream's status code and body come back to the uploader unchanged."""
+    index.status, index.answer = status, answer
+    index.answer_headers = {"content-type": "text/html; charset=UTF-8", "www-authenticate": 'Basic realm="pypi"'}
+    response = await proxy.upload(await proxy.mint(issuer), upload_body())
+    assert response.status_code == status
+    assert response.content == answer
+    assert response.headers["content-type"] == "text/html; charset=UTF-8"
+    # The upstream's challenge is for the operator's credentials; passing it on would mislead the uploader.
+    assert "www-authenticate" not in response.headers
+    assert len(index.received) == 1
+
+
+async def test_upstream_redirect_is_not_followed_or_passed_on(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """An upstream redirect is reported as 502; the operator's credentials and the body go nowhere else."""
+    index.status, index.answer = 301, b""
+    index.answer_headers = {"location": "http://elsewhere.invalid/upload/"}
+    response = await proxy.upload(await proxy.mint(issuer), upload_body())
+    assert response.status_code == 502
+    assert "redirect (301)" in response.text
+    assert "location" not in response.headers
+    assert len(index.received) == 1
+
+
+async def test_unreachable_upstream_is_a_bad_gateway(make_proxy: MakeProxy, issuer: TestIssuer) -> None:
+    """When the upstream index cannot be reached, the uploader gets 502 saying so."""
+    proxy = await make_proxy(url=f"http://127.0.0.1:{free_port()}/")
+    response = await proxy.upload(await proxy.mint(issuer), upload_body())
+    assert response.status_code == 502
+    assert response.text == "the upstream index could not be reached\n"
+
+
+async def test_legacy_route_exists_only_with_an_upstream(gateway: Any) -> None:
+    """A gateway without [upstream] has no upload endpoint."""
+    response = await gateway.client.post("/legacy/", content=upload_body(), headers={"Content-Type": CONTENT_TYPE})
+    assert response.status_code == 404
+
+
+OTHER = "requests-2.99.0.tar.gz"
+
+
+def bad(id: str, body: bytes, fragment: str) -> Any:
+    return pytest.param(body, fragment, id=id)
+
+
+def with_file(*files: bytes) -> bytes:
+    return fields() + b"".join(files) + CLOSE
+
+
+def replaced(old: bytes | str, new: bytes | str) -> bytes:
+    def encode(value: bytes | str) -> bytes:
+        return value.encode() if isinstance(value, str) else value
+
+    return upload_body().replace(encode(old), encode(new))
+
+
+SDIST_PART = part("content", b"x", filename=SDIST)
+FILENAME = f'filename="{SDIST}"'
+
+BAD_UPLOADS = [
+    bad("file-of-other-project", upload_body(filename=OTHER), "not a distribution of project"),
+    bad("wheel-of-other-project", upload_body(filename="requests-2.99.0-py3-none-any.whl"), "not a distribution"),
+    # pypiserver reads this as project "sampleproject"; a last-hyphen split would read "sampleproject-1.0-evil".
+    bad("ambiguous-sdist-name", upload_body(filename="sampleproject-1.0-evil-2.0.tar.gz"), "not a wheel or sdist"),
+    bad("not-a-distribution", upload_body(filename="sampleproject-1.0.0.exe"), "not a wheel or sdist file name"),
+    bad("duplicate-name", with_file(part("name", "requests"), SDIST_PART), "'name' appears more than once"),
+    bad("duplicate-content", with_file(SDIST_PART, part("content", b"y", filename=OTHER)), "'content' appears more"),
+    bad("duplicate-action", with_file(part(":action", "file_upload"), SDIST_PART), "':action' appears more"),
+    bad("boundary-inside-a-part", upload_body(content=f"a\r\n--{BOUNDARY}X\r\nb".encode()), "ambiguous"),
+    bad("part-after-the-end", upload_body() + part("content", b"x", filename=OTHER) + CLOSE, "ambiguous"),
+    bad("epilogue", upload_body() + b"epilogue", "after its closing"),
+    bad("no-closing-boundary", upload_body().replace(CLOSE, b""), "ended before"),
+    bad(
+        "unexpected-part-header",
+        with_file(part("content", b"x", filename=SDIST, extra="Content-Transfer-Encoding: base64\r\n")),
+        "'content-transfer-encoding'",
+    ),
+    bad(
+        "repeated-disposition",
+        with_file(part("content", b"x", filename=SDIST, extra='Content-Disposition: form-data; name="x"\r\n')),
+        "repeated 'content-disposition'",
+    ),
+    bad("extended-filename", replaced(FILENAME, f"filename*=UTF-8''{OTHER}"), "Content-Disposition"),
+    bad("two-filenames", replaced(FILENAME, f'{FILENAME}; filename="{OTHER}"'), "Content-Disposition"),
+    bad("other-action", upload_body(action="submit"), "only ':action' file_upload"),
+    bad("no-action", replaced(part(":action", "file_upload"), b""), "only ':action' file_upload"),
+    bad("no-name", replaced(part("name", "sampleproject"), b""), "no 'name' field"),
+    bad("no-content", fields() + CLOSE, "no 'content' file"),
+    bad(
+        "file-in-name-field", replaced(part("name", "sampleproject"), part("name", "x", filename=SDIST)), "carry files"
+    ),
+    bad(
+        "unrelated-signature", with_file(SDIST_PART, part("gpg_signature", b"s", filename=OTHER + ".asc")), "is not for"
+    ),
+    bad("preamble", b"garbage" + upload_body(), "well-formed"),
+]
+
+
+@pytest.mark.parametrize(("body", "fragment"), BAD_UPLOADS)
+async def test_malformed_or_ambiguous_upload_is_refused_and_nothing_is_forwarded(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex, body: bytes, fragment: str
+) -> None:
+    """An upload the upstream could read differently from the gateway is refused with 400 and the reason."""
+    response = await proxy.upload(await proxy.mint(issuer), body)
+    assert response.status_code == 400, response.text
+    assert fragment in response.text
+    assert index.received == []
+
+
+@pytest.mark.parametrize(
+    ("content_type", "headers"),
+    [
+        pytest.param("application/json", {}, id="not-multipart"),
+        pytest.param(f"multipart/form-data; boundary={BOUNDARY}; boundary=other", {}, id="two-boundaries"),
+        pytest.param("multipart/form-data", {}, id="no-boundary"),
+        pytest.param(CONTENT_TYPE, {"Content-Encoding": "gzip"}, id="content-encoded"),
+    ],
+)
+async def test_upload_that_is_not_a_plain_multipart_form_is_refused(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex, content_type: str, headers: dict[str, str]
+) -> None:
+    """Only an unencoded multipart/form-data body with one boundary is accepted, as every uploader sends it."""
+    response = await proxy.upload(await proxy.mint(issuer), upload_body(), content_type=content_type, headers=headers)
+    assert response.status_code == 400
+    assert index.received == []
