@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cachetools import TLRUCache, TTLCache
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -129,6 +129,8 @@ class RedisStore:
         self._unresolved: TTLCache[str, tuple[str, ...]] = TTLCache(maxsize=100_000, ttl=24 * 3600, timer=clock)
         self._undo: dict[tuple[str, str], None] = {}  # an ordered set of (key, attempt)
         self._undoing: asyncio.Task[None] | None = None
+        self._batch: list[tuple[str, str, int, asyncio.Future[bool]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(
@@ -165,11 +167,9 @@ class RedisStore:
             if earlier:
                 won = await self._call(self.client.eval(self._SPEND_OVER, 1, name, attempt, millis, *earlier))
             else:
-                won = await self._call(self.client.set(name, attempt, nx=True, px=millis))
+                won = await self._batched(name, attempt, millis)
         except StoreUnavailable:
-            self._unresolved[key] = (*earlier, attempt)[-8:]
-            self._undo[(name, attempt)] = None
-            self._start_undoing()
+            self._unresolve(name, attempt)
             if self.fallback is not None:
                 return await self.fallback.spend(key, ttl)
             raise ReplayStoreUnavailable(
@@ -178,6 +178,57 @@ class RedisStore:
         if earlier:
             self._unresolved.pop(key, None)
         return bool(won)
+
+    async def _batched(self, name: str, attempt: str, millis: int) -> bool:
+        """SET NX PX, sent with every other spend of this event-loop tick in one pipeline.
+
+        Under load many requests spend at once; one round trip for all of them instead of one each takes a
+        quarter off a mint's CPU in Redis mode (bench/). The pipeline is not a transaction: each SET stands alone,
+        and if the batch fails, every spend in it is unresolved, exactly as a lone one would be.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._batch.append((name, attempt, millis, future))
+        if len(self._batch) == 1:
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        task = asyncio.create_task(self._send(batch), name="redis:spend")
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[str, str, int, asyncio.Future[bool]]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for name, attempt, millis, _ in batch:
+            # execute_command, not set(): redis-py's set() copies its arguments through a decorator on every call.
+            pipe.execute_command("SET", name, attempt, "PX", millis, "NX")
+        try:
+            results: list[Any] = await self._call(pipe.execute(raise_on_error=False))
+        except StoreUnavailable as e:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(str(e)))
+            return
+        for (name, attempt, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                # Its request went away (the client disconnected): no token was minted for this spend, so it is
+                # unresolved like a failed one, for the client's retry.
+                if result is True:
+                    self._unresolve(name, attempt)
+                continue
+            if isinstance(result, Exception):
+                self.on_error()
+                future.set_exception(StoreUnavailable(str(result)))
+            else:
+                future.set_result(bool(result))
+
+    def _unresolve(self, name: str, attempt: str) -> None:
+        key = name.removeprefix(self.prefix)
+        self._unresolved[key] = (*self._unresolved.get(key, ()), attempt)[-8:]
+        self._undo[(name, attempt)] = None
+        self._start_undoing()
 
     def _start_undoing(self) -> None:
         if self._undoing is None or self._undoing.done():
@@ -219,6 +270,8 @@ class RedisStore:
         await self._call(self.client.eval(self._DELETE_IF, 1, self.prefix + key, token))
 
     async def aclose(self) -> None:
+        if self._sending:
+            await asyncio.wait(self._sending, timeout=self.deadline)
         if self._undoing is not None:
             self._undoing.cancel()
             # wait(), not await: awaiting the cancelled task would re-raise its CancelledError in the caller.

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,22 +16,18 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet, import_key
 
-from gateway.testing import TestIssuer, free_port
+from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, gitlab_issuer, write_config
+from tests.processes import GatewayProcess, free_port, gateway_environ
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-
-
-def clean_environ(**extra: str) -> dict[str, str]:
-    # The runner's own GATEWAY_* variables must not leak into what a test asserts about precedence.
-    return {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | extra
 
 
 def gateway_cli(*args: str, cwd: Path, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
         cwd=cwd,
-        env=clean_environ() if environ is None else environ,
+        env=gateway_environ() if environ is None else environ,
         capture_output=True,
         text=True,
         timeout=60,
@@ -108,7 +102,8 @@ def test_check_config_path_precedence(
     cwd = tmp_path / in_cwd if in_cwd else tmp_path / "empty"
     cwd.mkdir(exist_ok=True)
     args = ["check"] + (["--config", str(paths[option])] if option else [])
-    environ = clean_environ(GATEWAY_CONFIG=str(paths[variable])) if variable else clean_environ()
+    # The runner's own GATEWAY_* variables must not leak into what a test asserts about precedence.
+    environ = gateway_environ(GATEWAY_CONFIG=str(paths[variable])) if variable else gateway_environ()
     result = gateway_cli(*args, cwd=cwd, environ=environ)
     assert result.returncode == returncode, result.stderr
     if in_cwd is None:
@@ -183,49 +178,18 @@ async def test_keygen_key_works_as_signing_key(
 
 
 @pytest.fixture
-def served(tmp_path: Path, issuer: TestIssuer) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    """`gateway serve` as a real uvicorn process trusting the test issuer; yields (process, base url, log file)."""
+def served(tmp_path: Path, issuer: TestIssuer) -> Iterator[GatewayProcess]:
+    """`gateway serve` as a real uvicorn process trusting the test issuer, answering /livez; its log in serve.log."""
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    path = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], url=base)
-    log = tmp_path / "serve.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)],
-            cwd=tmp_path,
-            env=clean_environ(),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process, base, log
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+    path = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], url=f"http://127.0.0.1:{port}")
+    with GatewayProcess(path, port=port, log=tmp_path / "serve.log", cwd=tmp_path).wait() as server:
+        yield server
 
 
-def wait_until_live(client: httpx.Client, process: subprocess.Popen[bytes], log: Path) -> None:
-    # Waiting on another process to bind its socket, not time logic: there is no clock to advance here.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"gateway serve exited early:\n{log.read_text()}"
-        try:
-            if client.get("/livez").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"gateway serve did not come up:\n{log.read_text()}")
-
-
-def test_serve_mints_over_a_real_socket_and_stops_on_sigterm(
-    served: tuple[subprocess.Popen[bytes], str, Path], issuer: TestIssuer
-) -> None:
+def test_serve_mints_over_a_real_socket_and_stops_on_sigterm(served: GatewayProcess, issuer: TestIssuer) -> None:
     """`gateway serve` mints a token for a real ID token over TCP, verifiable with its JWKS, and exits 0 on SIGTERM."""
-    process, base, log = served
+    process, base, log = served.process, served.base, served.log
     with httpx.Client(base_url=base, timeout=10) as client:
-        wait_until_live(client, process, log)
         response = client.post("/_/oidc/mint-token", json={"token": issuer.gitlab_token()})
         assert response.status_code == 200, response.text
         body = response.json()

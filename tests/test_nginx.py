@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +12,10 @@ import httpx
 import pytest
 
 from gateway.mint import generate_key
-from gateway.testing import TestIssuer, free_port
+from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, gitlab_issuer, write_config
+from tests.processes import NGINX, GatewayProcess, Nginx, nginx_proxy_conf, stop_all
 from tests.redis_server import REDIS_SERVER, RedisServer
-
-NGINX = shutil.which("nginx")
 
 pytestmark = [
     pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx-light)"),
@@ -29,65 +23,6 @@ pytestmark = [
 ]
 
 REPLICAS = 3
-STARTUP = 30.0
-
-
-def wait_until_answering(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{url}: process exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"{url} did not answer within {STARTUP:g} s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def nginx_conf(prefix: Path, port: int, upstreams: list[int]) -> str:
-    servers = "\n".join(f"        server 127.0.0.1:{p};" for p in upstreams)
-    temp = "\n".join(
-        f"    {kind}_temp_path {prefix / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    # As root, nginx would hand its workers to `nobody`, who cannot enter pytest's private tmp directory.
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    return f"""{user}daemon off;
-worker_processes 1;
-pid {prefix / "nginx.pid"};
-error_log {prefix / "error.log"} warn;
-events {{
-    worker_connections 1024;
-}}
-http {{
-    access_log off;
-{temp}
-    upstream gateway {{
-        # Round robin, the default: consecutive requests go to consecutive replicas.
-{servers}
-        keepalive 64;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://gateway;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}
-}}
-"""
 
 
 @pytest.fixture
@@ -108,48 +43,21 @@ def backends(tmp_path: Path, issuer: TestIssuer, redis_server: RedisServer) -> I
         redis_url=redis_server.url,
         signing_key="signing.jwk",
     )
-    # The config file is the whole truth here, not whatever GATEWAY_* the environment running the tests has.
-    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY_")}
-    ports = [free_port() for _ in range(REPLICAS)]
-    processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+    servers: list[GatewayProcess] = []
     try:
-        for port in ports:
-            log = tmp_path / f"gateway-{port}.log"
-            with log.open("wb") as out:
-                command = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)]
-                process = subprocess.Popen(
-                    [*command, "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env
-                )
-            processes.append((process, log))
-        for port, (process, log) in zip(ports, processes, strict=True):
-            wait_until_answering(f"http://127.0.0.1:{port}/readyz", process, log)
-        yield ports
+        servers.extend(GatewayProcess(path, args=("--log-level", "warning")) for _ in range(REPLICAS))
+        for server in servers:
+            server.wait("/readyz")
+        yield [server.port for server in servers]
     finally:
-        for process, _ in processes:
-            stop(process)
+        stop_all(servers)
 
 
 @pytest.fixture
 def nginx(tmp_path: Path, backends: list[int]) -> Iterator[str]:
     """A real nginx round-robining over the backends; its base URL."""
-    assert NGINX is not None
-    prefix = tmp_path / "nginx"
-    prefix.mkdir()
-    port = free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(nginx_conf(prefix, port, backends))
-    log = prefix / "stderr.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [NGINX, "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_until_answering(f"http://127.0.0.1:{port}/livez", process, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(process)
+    with Nginx(tmp_path / "nginx", lambda prefix, port: nginx_proxy_conf(prefix, port, backends)).wait() as server:
+        yield server.base
 
 
 def successes(metrics: str) -> int:

@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.mint import generate_key
 from gateway.reload import Reloader
-from gateway.testing import TestIssuer, free_port
+from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, Gateway, error_code, gitlab_issuer, write_config
+from tests.processes import GatewayProcess, free_port
 
 RELEASE = PUBLISHER | {"repository": "group/release", "projects": ["release-project"]}
 
@@ -148,30 +147,13 @@ async def test_changed_file_is_noticed(make_gateway: Any, issuer: TestIssuer) ->
 
 
 @pytest.fixture
-def served(tmp_path: Path, issuer: TestIssuer) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`gateway serve` as a real process with the file watch every 0.2 s; yields (process, base url)."""
+def served(tmp_path: Path, issuer: TestIssuer) -> Iterator[GatewayProcess]:
+    """`gateway serve` as a real process with the file watch every 0.2 s, answering /livez."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     path = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], url=base, reload_interval=0.2)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{base}/livez").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.05)  # waiting for another process to bind its socket, not for time logic
-        yield process, base
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with GatewayProcess(path, port=port).wait() as server:
+        yield server
 
 
 async def until_status(client: httpx.AsyncClient, base: str, token_of: Any, status: int) -> httpx.Response:
@@ -184,11 +166,9 @@ async def until_status(client: httpx.AsyncClient, base: str, token_of: Any, stat
             await asyncio.sleep(0.05)
 
 
-async def test_sighup_reloads_a_running_server(
-    served: tuple[subprocess.Popen[bytes], str], issuer: TestIssuer, tmp_path: Path
-) -> None:
+async def test_sighup_reloads_a_running_server(served: GatewayProcess, issuer: TestIssuer, tmp_path: Path) -> None:
     """A running `gateway serve` reloads on SIGHUP; a bad config then is refused and counted, the old one kept."""
-    process, base = served
+    process, base = served.process, served.base
     token_of = lambda: issuer.gitlab_token(project_path="group/release")  # noqa: E731
     async with httpx.AsyncClient() as client:
         assert (await client.post(f"{base}/_/oidc/mint-token", json={"token": token_of()})).status_code == 422
@@ -208,11 +188,9 @@ async def test_sighup_reloads_a_running_server(
         assert process.poll() is None
 
 
-async def test_file_watch_reloads_a_running_server(
-    served: tuple[subprocess.Popen[bytes], str], issuer: TestIssuer, tmp_path: Path
-) -> None:
+async def test_file_watch_reloads_a_running_server(served: GatewayProcess, issuer: TestIssuer, tmp_path: Path) -> None:
     """A running `gateway serve` picks up a changed publishers.toml by itself."""
-    _, base = served
+    base = served.base
     write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER, RELEASE], url=base, reload_interval=0.2)
     async with httpx.AsyncClient() as client:
         response = await until_status(client, base, lambda: issuer.gitlab_token(project_path="group/release"), 200)

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,89 +22,29 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.mint import generate_key
-from gateway.testing import TestIssuer, free_port
+from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, gitlab_issuer, write_config
+from tests.processes import NGINX, GatewayProcess, Nginx, gateway_environ, nginx_proxy_conf, stop_all
 from tests.redis_server import REDIS_SERVER, RedisServer
 
-NGINX = shutil.which("nginx")
-STARTUP = 30.0
 MINT = "/_/oidc/mint-token"
 
 
-class Server:
-    """One `gateway serve` process, its port and its log (stdout and stderr)."""
-
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.process = process
-        self.port = port
-        self.log = log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def audit(self) -> list[dict[str, Any]]:
-        """The audit lines this server logged (log_format = "json")."""
-        lines = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{") and '"logger":"gateway.audit"' in line:
-                lines.append(json.loads(line))
-        return lines
-
-
-def spawn(config: Path, directory: Path, *, workers: int = 1, env: Mapping[str, str] | None = None) -> Server:
-    port = free_port()
-    log = directory / f"gateway-{port}.log"
-    # The config file is the whole truth here, not whatever GATEWAY_* the environment running the tests has.
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "PROMETHEUS_"))}
-    command = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*command, "--workers", str(workers)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=environment | dict(env or {}),
-        )
-    return Server(process, port, log)
-
-
-def wait_ready(servers: Sequence[Server], path: str = "/readyz") -> None:
-    deadline = time.monotonic() + STARTUP
-    for server in servers:
-        while True:
-            if server.process.poll() is not None:
-                pytest.fail(f"{server.url} exited with {server.process.returncode}:\n{server.tail()}")
-            try:
-                if httpx.get(server.url + path, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{server.url} did not answer within {STARTUP:g} s:\n{server.tail()}")
-            time.sleep(0.05)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+def audit(server: GatewayProcess) -> list[dict[str, Any]]:
+    """The audit lines a server logged (log_format = "json")."""
+    lines = []
+    for line in server.log.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"logger":"gateway.audit"' in line:
+            lines.append(json.loads(line))
+    return lines
 
 
 @pytest.fixture
-def servers() -> Iterator[list[Server]]:
+def servers() -> Iterator[list[GatewayProcess]]:
     """Servers a test started; each is stopped afterwards if the test did not stop it."""
-    started: list[Server] = []
+    started: list[GatewayProcess] = []
     yield started
-    # All at once: each one drains for drain_seconds before it exits.
-    for server in started:
-        if server.process.poll() is None:
-            server.process.terminate()
-    for server in started:
-        stop(server.process)
+    stop_all(started)
 
 
 @pytest.fixture
@@ -144,7 +80,7 @@ async def test_sigterm_drains_then_finishes_in_flight_and_exits_0(
     tmp_path: Path,
     issuer: TestIssuer,
     other_issuer: TestIssuer,
-    servers: list[Server],
+    servers: list[GatewayProcess],
     signing_key: str,
 ) -> None:
     """After SIGTERM: /readyz 503 within 0.5 s, mints served through the drain, a slow one finished, exit 0."""
@@ -157,15 +93,15 @@ async def test_sigterm_drains_then_finishes_in_flight_and_exits_0(
         signing_key=signing_key,
         log_format="json",
     )
-    server = spawn(config, tmp_path)
+    server = GatewayProcess(config)
     servers.append(server)
-    wait_ready([server])
+    server.wait("/readyz")
     # The session's second issuer keeps its knobs between tests: set them here, put them back below.
     other_issuer.reset()
     try:
         async with (
-            httpx.AsyncClient(base_url=server.url, timeout=15) as client,
-            httpx.AsyncClient(base_url=server.url, timeout=15) as slow_client,
+            httpx.AsyncClient(base_url=server.base, timeout=15) as client,
+            httpx.AsyncClient(base_url=server.base, timeout=15) as slow_client,
         ):
             assert (await client.post(MINT, json={"token": issuer.gitlab_token()})).status_code == 200
 
@@ -189,7 +125,7 @@ async def test_sigterm_drains_then_finishes_in_flight_and_exits_0(
             # After the drain the listener closes while the slow mint is still under way.
             while True:
                 try:
-                    async with httpx.AsyncClient(base_url=server.url, timeout=2) as fresh:
+                    async with httpx.AsyncClient(base_url=server.base, timeout=2) as fresh:
                         await fresh.get("/livez")
                 except httpx.ConnectError:
                     break
@@ -208,77 +144,32 @@ async def test_sigterm_drains_then_finishes_in_flight_and_exits_0(
     assert returncode == 0, server.tail()
     assert time.monotonic() - signalled < drain + 5
     assert "Traceback" not in server.log.read_text(errors="replace"), server.tail()
-    assert [line["outcome"] for line in server.audit()] == ["success"] * 3
+    assert [line["outcome"] for line in audit(server)] == ["success"] * 3
 
 
 # Three replicas behind nginx, under load, one terminated: no failed mint
 
 
-def nginx_conf(prefix: Path, port: int, upstreams: Sequence[int]) -> str:
-    servers = "\n".join(f"        server 127.0.0.1:{p};" for p in upstreams)
-    temp = "\n".join(
-        f"    {kind}_temp_path {prefix / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    # As root, nginx would hand its workers to `nobody`, who cannot enter pytest's private tmp directory.
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    return f"""{user}daemon off;
-worker_processes 1;
-pid {prefix / "nginx.pid"};
-error_log {prefix / "error.log"} warn;
-events {{
-    worker_connections 1024;
-}}
-http {{
-    access_log off;
-{temp}
-    upstream gateway {{
-{servers}
-        keepalive 64;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://gateway;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_connect_timeout 1s;
-            # A replica that stopped listening refuses the connection, and one that closed an idle keepalive
-            # connection under nginx never read the request: both are safe to retry elsewhere, POST included.
-            # A mint is never half done by a 503 either (nothing spent), so that is retried too.
-            proxy_next_upstream error timeout http_503 non_idempotent;
-        }}
-    }}
-}}
-"""
+# A replica that stopped listening refuses the connection, and one that closed an idle keepalive connection under
+# nginx never read the request: both are safe to retry elsewhere, POST included. A mint is never half done by a 503
+# either (nothing spent), so that is retried too.
+RETRY = ("proxy_connect_timeout 1s;", "proxy_next_upstream error timeout http_503 non_idempotent;")
 
 
 @pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Any]:
+def nginx(tmp_path: Path) -> Iterator[Callable[[Sequence[int]], str]]:
     """Start a real nginx in front of the given ports; returns its base URL."""
     if NGINX is None:
         pytest.skip("nginx is not installed (Debian: apt-get install nginx-light)")
-    processes: list[subprocess.Popen[bytes]] = []
+    started: list[Nginx] = []
 
     def start(upstreams: Sequence[int]) -> str:
-        assert NGINX is not None
-        prefix = tmp_path / "nginx"
-        prefix.mkdir()
-        port = free_port()
-        conf = prefix / "nginx.conf"
-        conf.write_text(nginx_conf(prefix, port, upstreams))
-        with (prefix / "stderr.log").open("wb") as out:
-            process = subprocess.Popen(
-                [NGINX, "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        processes.append(process)
-        wait_ready([Server(process, port, prefix / "error.log")], "/livez")
-        return f"http://127.0.0.1:{port}"
+        conf = lambda prefix, port: nginx_proxy_conf(prefix, port, upstreams, location=RETRY)  # noqa: E731
+        started.append(Nginx(tmp_path / "nginx", conf))
+        return started[-1].wait().base
 
     yield start
-    for process in processes:
-        stop(process)
+    stop_all(started)
 
 
 @pytest.fixture
@@ -299,10 +190,10 @@ PACE = 0.15
 async def test_sigterm_one_of_three_replicas_under_load_through_nginx_fails_no_mint(
     tmp_path: Path,
     issuer: TestIssuer,
-    servers: list[Server],
+    servers: list[GatewayProcess],
     signing_key: str,
     redis_server: RedisServer,
-    nginx: Any,
+    nginx: Callable[[Sequence[int]], str],
 ) -> None:
     """500 mints by 30 clients through nginx to 3 replicas, one terminated midway: all 200, it exits 0."""
     config = write_config(
@@ -314,8 +205,9 @@ async def test_sigterm_one_of_three_replicas_under_load_through_nginx_fails_no_m
         drain_seconds=1,
         log_format="json",
     )
-    servers.extend(spawn(config, tmp_path) for _ in range(3))
-    wait_ready(servers)
+    servers.extend(GatewayProcess(config) for _ in range(3))
+    for server in servers:
+        server.wait("/readyz")
     base = nginx([server.port for server in servers])
     victim, survivors = servers[0], servers[1:]
     tokens = iter([issuer.gitlab_token() for _ in range(MINTS)])
@@ -356,12 +248,12 @@ async def test_sigterm_one_of_three_replicas_under_load_through_nginx_fails_no_m
 
     # The victim served its share, through the drain too (nginx does not read /readyz: it kept sending), until it
     # left; the survivors served everything after that.
-    served = [line for line in victim.audit() if line["outcome"] == "success"]
+    served = [line for line in audit(victim) if line["outcome"] == "success"]
     served_by_victim = len(served)
     late_in_drain = sum(1 for line in served if logged_at(line) > signalled + 0.5)
     assert late_in_drain >= 5, f"{late_in_drain} mints served 0.5 s into the drain: it stopped serving early"
     async with httpx.AsyncClient(timeout=10) as http:
-        served_by_survivors = [mint_successes((await http.get(f"{s.url}/metrics")).text) for s in survivors]
+        served_by_survivors = [mint_successes((await http.get(f"{s.base}/metrics")).text) for s in survivors]
     assert served_by_victim > 0 and all(served_by_survivors), (served_by_victim, served_by_survivors)
     assert served_by_victim + sum(served_by_survivors) == MINTS
     after_exit = sum(1 for _, at in results if at > exited_at)
@@ -392,22 +284,22 @@ def worker_mints(directory: Path) -> dict[str, float]:
 
 
 async def test_metrics_of_two_workers_add_up(
-    tmp_path: Path, issuer: TestIssuer, servers: list[Server], signing_key: str
+    tmp_path: Path, issuer: TestIssuer, servers: list[GatewayProcess], signing_key: str
 ) -> None:
     """With --workers 2, /metrics from any worker counts every mint made, both workers' included."""
     config = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, (PUBLISHER,), signing_key=signing_key)
     # `gateway serve` makes its metrics directory with mkdtemp: under this test's own TMPDIR, it can be found.
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    server = spawn(config, tmp_path, workers=2, env={"TMPDIR": str(scratch)})
+    server = GatewayProcess(config, workers=2, env=gateway_environ(TMPDIR=str(scratch)))
     servers.append(server)
-    wait_ready([server])
+    server.wait("/readyz")
     (directory,) = scratch.glob("gateway-metrics-*")
 
     made = 0
     # A fresh connection per mint, many at once: the kernel hands them to both workers. Bounded, in case not.
     no_keepalive = httpx.Limits(max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=server.url, timeout=15, limits=no_keepalive) as client:
+    async with httpx.AsyncClient(base_url=server.base, timeout=15, limits=no_keepalive) as client:
         for _ in range(10):
             batch = [issuer.gitlab_token() for _ in range(20)]
             responses = await asyncio.gather(*(client.post(MINT, json={"token": token}) for token in batch))

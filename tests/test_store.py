@@ -124,6 +124,25 @@ async def test_redis_spend_once_across_clients(
     assert racing.count(True) == 1
 
 
+async def test_redis_spends_of_one_tick_share_a_round_trip(
+    redis_server: RedisServer, make_store: Callable[..., RedisStore]
+) -> None:
+    """Concurrent spends go to Redis as one pipeline, and each keeps its own answer (one key twice: one wins)."""
+    store = make_store(redis_server.url)
+    with redis_server.client() as client:
+        client.config_resetstat()
+        before = client.info("stats")["total_connections_received"]
+        keys = [f"jti:{n}" for n in range(50)] + ["jti:twice", "jti:twice"]
+        outcomes = await asyncio.gather(*(store.spend(key, 60) for key in keys))
+        after = client.info("stats")["total_connections_received"]
+        sets = client.info("commandstats")["cmdstat_set"]["calls"]
+    assert outcomes[:50] == [True] * 50
+    assert sorted(outcomes[50:]) == [False, True]
+    assert sets == 52
+    # One connection for all 52: sent one by one, concurrent spends would each have taken one from the pool.
+    assert after - before == 1
+
+
 async def test_redis_key_lives_at_least_the_ttl_asked(
     redis_server: RedisServer, make_store: Callable[..., RedisStore]
 ) -> None:

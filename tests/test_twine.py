@@ -16,6 +16,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from joserfc.jwk import Key
 
 from gateway.identity import Identity
 from gateway.mint import Signer, generate_key
-from gateway.testing import TestIssuer, free_port
+from gateway.testing import TestIssuer
 from tests.conftest import gitlab_issuer, write_config
+from tests.processes import GatewayProcess, Server, free_port
 
 OPERATOR = ("operator", "operator-secret")
 PROJECT = "tinypkg"
@@ -50,33 +52,6 @@ def clean_env(**extra: str) -> dict[str, str]:
         if not name.startswith(("PIP_", "TWINE_", "GATEWAY_", "GITLAB_", "GITHUB_", "PYPI_"))
     }
     return env | {"PIP_CONFIG_FILE": os.devnull, "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"} | extra
-
-
-def wait_for(url: str, process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"{what} exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}"
-            )
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not start")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
 
 
 @dataclass
@@ -107,23 +82,20 @@ def pypiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PyPIServer]
         "--passwords", str(root / "htpasswd"), "--authenticate", "update",
         "--disable-fallback", "--server", "wsgiref", str(packages),
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=clean_env(),
-    )
-    try:
-        wait_for(f"http://127.0.0.1:{port}/health", process, "pypiserver")
-        yield PyPIServer(f"http://127.0.0.1:{port}", packages)
-    finally:
-        stop(process)
+    with Server(command, port, root / "pypiserver.log", env=clean_env()).wait("/health") as server:
+        yield PyPIServer(server.base, packages)
 
 
 @dataclass
-class GatewayProcess:
-    url: str
+class UploadGateway:
+    """A running `gateway serve` with [upstream] set, and the key it signs with."""
+
+    server: GatewayProcess
     key: Key
+
+    @property
+    def url(self) -> str:
+        return self.server.base
 
     def mint(self, id_token: str) -> dict[str, object]:
         response = httpx.post(f"{self.url}/_/oidc/mint-token", json={"token": id_token}, timeout=10)
@@ -131,10 +103,9 @@ class GatewayProcess:
         return response.json()  # type: ignore[no-any-return]
 
 
-def serve_gateway(
-    directory: Path, issuer: TestIssuer, upstream: str, password: str
-) -> tuple[GatewayProcess, subprocess.Popen[bytes]]:
-    """Start `gateway serve` with [upstream] pointing at the index, the password in an environment variable."""
+@contextmanager
+def serve_gateway(directory: Path, issuer: TestIssuer, upstream: str, password: str) -> Iterator[UploadGateway]:
+    """Run `gateway serve` with [upstream] pointing at the index, the password in an environment variable."""
     directory.mkdir()
     key = generate_key()
     (directory / "key.json").write_text(json.dumps(key.as_dict(private=True)))
@@ -145,29 +116,16 @@ def serve_gateway(
         f'\n[upstream]\nurl = "{upstream}/"\nusername = "{OPERATOR[0]}"\npassword_env = "UPSTREAM_PASSWORD"\n'
     )
     path.write_text(path.read_text() + upstream_table)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=clean_env(UPSTREAM_PASSWORD=password),
-    )
-    try:
-        wait_for(f"{url}/readyz", process, "gateway serve")
-    except BaseException:
-        stop(process)
-        raise
-    return GatewayProcess(url, key), process
+    with GatewayProcess(path, port=port, env=clean_env(UPSTREAM_PASSWORD=password)).wait("/readyz") as server:
+        yield UploadGateway(server, key)
 
 
 @pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory, _issuer: TestIssuer, pypiserver: PyPIServer
-) -> Iterator[GatewayProcess]:
-    served, process = serve_gateway(tmp_path_factory.mktemp("gw") / "gateway", _issuer, pypiserver.url, OPERATOR[1])
-    try:
+) -> Iterator[UploadGateway]:
+    with serve_gateway(tmp_path_factory.mktemp("gw") / "gateway", _issuer, pypiserver.url, OPERATOR[1]) as served:
         yield served
-    finally:
-        stop(process)
 
 
 def build(directory: Path, name: str) -> list[Path]:
@@ -205,7 +163,7 @@ def run(
     return result
 
 
-def twine(gateway: GatewayProcess, password: str, files: list[Path], *, verbose: bool = True) -> tuple[int, str]:
+def twine(gateway: UploadGateway, password: str, files: list[Path], *, verbose: bool = True) -> tuple[int, str]:
     args = [
         sys.executable, "-m", "twine", "--no-color", "upload",
         "--repository-url", f"{gateway.url}/legacy/",
@@ -231,7 +189,7 @@ def id_token_from_id(token: str) -> str:
     return result.stdout.strip()
 
 
-def forged(key: Key, gateway: GatewayProcess, *, issued: float) -> str:
+def forged(key: Key, gateway: UploadGateway, *, issued: float) -> str:
     identity = Identity(
         issuer="gitlab-com", issuer_url="https://gitlab.test", kind="gitlab", repository="group/project"
     )
@@ -243,7 +201,7 @@ def forged(key: Key, gateway: GatewayProcess, *, issued: float) -> str:
 
 
 def test_gitlab_recipe_publishes_through_the_gateway(
-    gateway: GatewayProcess, pypiserver: PyPIServer, _issuer: TestIssuer, dists: dict[str, list[Path]], tmp_path: Path
+    gateway: UploadGateway, pypiserver: PyPIServer, _issuer: TestIssuer, dists: dict[str, list[Path]], tmp_path: Path
 ) -> None:
     """id -> mint-token -> twine upload lands the sdist and wheel in pypiserver, and pip downloads the wheel."""
     id_token = _issuer.gitlab_token()
@@ -274,7 +232,7 @@ def test_gitlab_recipe_publishes_through_the_gateway(
 
 
 def test_project_outside_the_token_is_refused_and_nothing_lands(
-    gateway: GatewayProcess, pypiserver: PyPIServer, _issuer: TestIssuer, dists: dict[str, list[Path]]
+    gateway: UploadGateway, pypiserver: PyPIServer, _issuer: TestIssuer, dists: dict[str, list[Path]]
 ) -> None:
     """twine uploading another project with the minted token fails with 403 and the reason, and nothing is stored."""
     before = pypiserver.stored()
@@ -298,7 +256,7 @@ def test_project_outside_the_token_is_refused_and_nothing_lands(
     ],
 )
 def test_expired_or_foreign_minted_token_is_refused(
-    gateway: GatewayProcess, pypiserver: PyPIServer, dists: dict[str, list[Path]], which: str, reason: str
+    gateway: UploadGateway, pypiserver: PyPIServer, dists: dict[str, list[Path]], which: str, reason: str
 ) -> None:
     """twine with an expired token of the gateway's own key, or a token of another key, gets 403 and the reason."""
     before = pypiserver.stored()
@@ -318,12 +276,9 @@ def test_wrong_upstream_password_reports_the_upstreams_refusal(
 ) -> None:
     """With the operator's password wrong, twine reports pypiserver's own refusal, and nothing is stored."""
     before = pypiserver.stored()
-    gateway, process = serve_gateway(tmp_path / "gateway", _issuer, pypiserver.url, "not-the-password")
-    try:
+    with serve_gateway(tmp_path / "gateway", _issuer, pypiserver.url, "not-the-password") as gateway:
         token = str(gateway.mint(_issuer.gitlab_token())["token"])
         code, output = twine(gateway, token, dists[PROJECT])
-    finally:
-        stop(process)
     assert code != 0
     assert "HTTPError: 403 Forbidden" in output, output
     assert "<title>Error: 403 Forbidden</title>" in output
