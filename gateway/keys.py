@@ -237,7 +237,6 @@ class _State:
     kid_refresh_at: float | None = None
     failed_at: float | None = None
     inflight: asyncio.Task[KeySet | None] | None = None
-    fetches: int = 0
     last_error: str | None = None
 
 
@@ -315,13 +314,12 @@ class Keys:
             state.kid_refresh_at = now
             key_set = await self._wait(issuer, state, "kid")
         key = key_set.keys.get(kid)
-        if key is not None:
-            self.on_lookup("memory" if key_set is cached else key_set.source)
         if key is None:
             raise InvalidToken(
                 f"the issuer's key set has no key {kid!r}; if the issuer rotated keys just now, retry in "
                 f"{int(self.cooldown)} s"
             )
+        self.on_lookup("memory" if key_set is cached else key_set.source)
         return key
 
     async def _usable(self, issuer: str, state: _State) -> KeySet:
@@ -356,8 +354,7 @@ class Keys:
             f"the keys of issuer {issuer!r} cannot be fetched right now and none are cached; retry shortly"
         )
 
-    async def _upstream(self, issuer: str, state: _State) -> KeySet:
-        state.fetches += 1
+    async def _upstream(self, issuer: str) -> KeySet:
         try:
             key_set = await self._fetchers[issuer].fetch(self.clock)
         except FetchError:
@@ -374,10 +371,10 @@ class Keys:
         """
         try:
             if self.shared is None:
-                key_set = await self._upstream(issuer, state)
+                key_set = await self._upstream(issuer)
             else:
                 key_set = await self.shared.refresh(
-                    issuer, self._algorithms[issuer], state.key_set, reason, lambda: self._upstream(issuer, state)
+                    issuer, self._algorithms[issuer], state.key_set, reason, lambda: self._upstream(issuer)
                 )
         except FetchError as e:
             state.failed_at = self.clock()
