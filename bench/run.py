@@ -1,9 +1,12 @@
 """Throughput benchmark: GET /livez and POST /_/oidc/mint-token on one gateway worker, with wrk as the client.
 
     /work/venv/bin/python bench/run.py [--duration 10] [--workers 1] [--mode both|memory|redis] [--redis auto|URL]
+                                       [--publishers 10,100000]
 
-By default it measures mint-token twice, side by side: with jtis spent in memory, then with them spent in Redis
-(a second gateway with `redis_url` set, against a redis-server the script starts and stops, or the --redis URL).
+By default it measures mint-token three times, side by side: with jtis spent in memory and 10 publishers in
+publishers.toml, the same with 100,000 publishers, then with jtis spent in Redis and 10 publishers (a gateway
+with `redis_url` set, against a redis-server the script starts and stops, or the --redis URL). It also times
+loading each publishers count (config.load + the Publishers index) in a fresh process: the gateway's startup cost.
 Everything is real: a TestIssuer serves discovery and JWKS over HTTPS, `gateway serve` runs as a subprocess
 exactly as an operator starts it, and every mint carries a distinct RS256 ID token signed ahead of time (signing
 is ~4x the cost of verifying, so signing inside the run would measure the client, not the gateway).
@@ -55,6 +58,14 @@ AUDIENCE = "pypi"
 # Issue 3: one worker, every check on, reaches these mints/s with jtis spent in memory, and in Redis.
 TARGET_RATE = 5000
 REDIS_TARGET_RATE = 4000
+# Issue 4: 100,000 publishers load in under 2 s, and the benchmark mints with 10 and with 100,000 of them.
+LOAD_TARGET_SECONDS = 2.0
+LOAD_TARGET_PUBLISHERS = 100_000
+DEFAULT_PUBLISHERS = (10, 100_000)
+# Fresh processes the load is timed in; the best is reported (the others are the machine's noise).
+LOAD_REPEAT = 3
+# The other publishers spread over this many groups (a publishers file of a real index spans many owners).
+PUBLISHER_GROUPS = 1000
 # --redis auto: start a throwaway redis-server for the Redis mode.
 AUTO = "auto"
 # Tokens outlive the run by this much so a --tokens-file can be reused for a working day.
@@ -133,7 +144,9 @@ def new_bench_key() -> RSAKey:
 # Configuration and the gateway process
 
 
-def write_config(directory: Path, issuer: TestIssuer, *, gateway_port: int, redis_url: str | None) -> Path:
+def write_config(
+    directory: Path, issuer: TestIssuer, *, gateway_port: int, redis_url: str | None, publishers: int
+) -> Path:
     """Write issuers.toml, publishers.toml and a signing key as an operator would; return the issuers.toml path."""
     # Same document `gateway keygen --out` writes, with the same 0600 mode: it is a private key.
     key = generate_key("ES256")
@@ -159,22 +172,71 @@ def write_config(directory: Path, issuer: TestIssuer, *, gateway_port: int, redi
     ]
     path = directory / "issuers.toml"
     path.write_text("\n".join([*gateway, "", *issuers]) + "\n")
-    (directory / "publishers.toml").write_text(
-        "[[publisher]]\n"
-        f"issuer = {json.dumps(ISSUER_NAME)}\n"
-        'repository = "group/project"\n'
-        'workflow = ".gitlab-ci.yml"\n'
-        'projects = ["sampleproject"]\n'
-    )
+    (directory / "publishers.toml").write_text(publishers_toml(publishers))
     return path
 
 
-def start_gateway(config: Path, *, port: int, workers: int, log: Path) -> subprocess.Popen[bytes]:
-    """Run `gateway serve` exactly as an operator would, and wait until /livez answers."""
+@functools.cache
+def publishers_toml(count: int) -> str:
+    """`count` publishers: the one the bench's tokens match (group/project) among `count - 1` others.
+
+    The others are `group{i % 1000}/project{i}` with projects of their own: one repository each, as most are, so
+    the index holds `count` keys and the bench's repository sits among them, in the middle of the file.
+    """
+    entries = [publisher_toml(f"group{i % PUBLISHER_GROUPS}/project{i}", f"project-{i}") for i in range(1, count)]
+    entries.insert(len(entries) // 2, publisher_toml("group/project", "sampleproject"))
+    return "\n".join(entries)
+
+
+def publisher_toml(repository: str, project: str) -> str:
+    return (
+        "[[publisher]]\n"
+        f"issuer = {json.dumps(ISSUER_NAME)}\n"
+        f"repository = {json.dumps(repository)}\n"
+        'workflow = ".gitlab-ci.yml"\n'
+        f"projects = [{json.dumps(project)}]\n"
+    )
+
+
+# Runs in a fresh interpreter, so the time is what a starting gateway spends, imports aside.
+LOAD_SCRIPT = """
+import sys, time
+from gateway.config import load
+from gateway.publishers import Publishers
+started = time.perf_counter()
+publishers = Publishers(load(sys.argv[1]).publishers)
+print(time.perf_counter() - started, len(publishers))
+"""
+
+
+def time_load(config: Path, expected: int) -> list[float]:
+    """Seconds `config.load` + building the Publishers index take, in each of LOAD_REPEAT fresh processes."""
+    times = []
+    for _ in range(LOAD_REPEAT):
+        done = subprocess.run(
+            [sys.executable, "-c", LOAD_SCRIPT, str(config)],
+            capture_output=True, text=True, env=gateway_env(), cwd=config.parent,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise SystemExit(f"loading {config} failed:\n{done.stderr}")
+        seconds, count = done.stdout.split()
+        if int(count) != expected:
+            raise SystemExit(f"{config} loaded {count} publishers, not {expected}")
+        times.append(float(seconds))
+    return times
+
+
+def gateway_env() -> dict[str, str]:
     env = dict(os.environ)
     # The run must be what the flags say: an inherited $GATEWAY_REDIS_URL would silently override the config.
     env.pop("GATEWAY_REDIS_URL", None)
     env.pop("GATEWAY_CONFIG", None)
+    return env
+
+
+def start_gateway(config: Path, *, port: int, workers: int, log: Path) -> subprocess.Popen[bytes]:
+    """Run `gateway serve` exactly as an operator would, and wait until /livez answers."""
+    env = gateway_env()
     command = [
         sys.executable, "-m", "gateway", "serve",
         "--config", str(config), "--port", str(port), "--workers", str(workers), "--log-level", "warning",
@@ -223,11 +285,12 @@ def tail(path: Path, lines: int = 30) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    """One way to run the gateway: where it spends jtis, and the mint rate it should reach that way."""
+    """One gateway to measure: where it spends jtis, how many publishers it loads, the mint rate it should reach."""
 
-    name: str  # "memory" or "redis": the key in --json and in profile file names
+    name: str  # "memory" or "redis": the key in --json and, with the publishers, in profile file names
     where: str  # "in-process" or "Redis": where the jti is spent, as the table says it
     target: int
+    publishers: int
     redis_url: str | None = None
     # The redis-server this script started, whose CPU is then measured too; None for a given --redis URL.
     redis_pid: int | None = None
@@ -237,12 +300,26 @@ class Mode:
     def label(self) -> str:
         return f"mint ({self.where})"
 
+    @property
+    def run(self) -> str:
+        """This run, as the summary names it."""
+        return f"{self.where} with {self.publishers:,} publishers"
+
+    @property
+    def key(self) -> str:
+        """Names this run among the others: its directory, profile file and profile column."""
+        return f"{self.name}-{self.publishers}"
+
 
 def modes_for(args: argparse.Namespace, stack: contextlib.ExitStack, directory: Path) -> list[Mode]:
-    """The modes --mode asks for, in the order they run; starts a redis-server on `stack` for --redis auto."""
+    """The runs --mode and --publishers ask for, in the order they run; starts a redis-server for --redis auto.
+
+    In-process runs once per publishers count. Redis runs once, with the first count: what it adds per mint is a
+    round trip whatever the count, and another 10 s run (and its tokens) would only say that again.
+    """
     modes = []
     if args.mode != "redis":
-        modes.append(Mode("memory", "in-process", args.target))
+        modes += [Mode("memory", "in-process", args.target, count) for count in args.publishers]
     if args.mode != "memory":
         if args.redis == AUTO:
             url, pid = stack.enter_context(redis_server(directory))
@@ -250,7 +327,7 @@ def modes_for(args: argparse.Namespace, stack: contextlib.ExitStack, directory: 
             url, pid = args.redis, None
         # For a given URL this is also the check that it answers, before any time goes into signing tokens.
         version = wait_for_redis(url, deadline=time.monotonic() + 2, died=lambda: None)
-        modes.append(Mode("redis", "Redis", args.redis_target, url, pid, version))
+        modes.append(Mode("redis", "Redis", args.redis_target, args.publishers[0], url, pid, version))
     return modes
 
 
@@ -609,22 +686,25 @@ def read_profile(path: Path) -> Profile:
 
 
 def summarize_profiles(profiles: dict[str, tuple[Profile, float]], top: int = 15) -> str:
-    """Steps, areas and top functions as microseconds of gateway CPU per mint, one column per mode.
+    """Steps, areas and top functions as microseconds of gateway CPU per mint, one column per run.
 
-    `profiles` maps a mode to its profile and the gateway CPU per mint measured meanwhile. py-spy samples only
-    busy time, so a row's share of a mode's samples times that CPU is what the row costs a mint. With two
-    modes a last column says what the second adds: where the Redis mode's extra time per mint goes.
+    `profiles` maps a run to its profile and the gateway CPU per mint measured meanwhile. py-spy samples only
+    busy time, so a row's share of a run's samples times that CPU is what the row costs a mint. Each run after
+    the first also gets a `+run` column, what it adds to the first: where 100,000 publishers or the Redis
+    spend put their extra time per mint.
     """
     names = list(profiles)
     us_per_sample = {name: cpu * 1e6 / p.total if p.total else 0.0 for name, (p, cpu) in profiles.items()}
+    headers = [*names, *(f"+{name}" for name in names[1:])]
+    widths = [max(8, len(header) + 2) for header in headers]
 
     def row(counts: dict[str, int], label: str) -> str:
         values = [counts[name] * us_per_sample[name] for name in names]
-        extra = f"{values[-1] - values[0]:>+8.1f}" if len(values) > 1 else ""
-        return "  " + "".join(f"{v:>8.1f}" for v in values) + extra + f"  {label}"
+        cells = [f"{v:.1f}" for v in values] + [f"{v - values[0]:+.1f}" for v in values[1:]]
+        return "  " + "".join(f"{cell:>{width}}" for cell, width in zip(cells, widths, strict=True)) + f"  {label}"
 
     def section(title: str, labels: Sequence[str], counters: dict[str, Counter[str]]) -> list[str]:
-        header = "".join(f"{name:>8}" for name in names) + ("   extra" if len(names) > 1 else "")
+        header = "".join(f"{name:>{width}}" for name, width in zip(headers, widths, strict=True))
         return ["", title, "  " + header] + [row({n: counters[n][label] for n in names}, label) for label in labels]
 
     samples = ", ".join(f"{name} {p.total}" for name, (p, _) in profiles.items())
@@ -751,12 +831,16 @@ def format_ms(seconds: float | None) -> str:
 
 @dataclasses.dataclass
 class Outcome:
-    """What one mode's gateway gave: its mint run, the /livez run (first mode only) and its py-spy stacks."""
+    """What one run's gateway gave: its mint run, /livez run, py-spy stacks and config load times.
+
+    /livez is measured on the first run's gateway only, and the load timed on the first with each publishers count.
+    """
 
     mode: Mode
     mint: Run
     livez: Run | None
     profile: Path | None
+    load: list[float] | None
 
     @property
     def failed(self) -> bool:
@@ -773,19 +857,24 @@ def report(
 ) -> str:
     lines = [
         "gateway benchmark",
-        f"  machine : {info['nproc']} CPUs ({info['cpu']}), {info['system']}, {info['python']}, {info['wrk']}",
-        f"  load    : {info['load']} (1/5/15 min load average before the run)",
-        *(f"  {name:<8}: {value}" for name, value in setup.items()),
+        f"  machine   : {info['nproc']} CPUs ({info['cpu']}), {info['system']}, {info['python']}, {info['wrk']}",
+        f"  load      : {info['load']} (1/5/15 min load average before the run)",
+        *(f"  {name:<10}: {value}" for name, value in setup.items()),
         "",
         # CPU columns are shares of one core over the run; "other" is everything but the gateway, wrk and our
         # own redis-server.
-        f"  {'':<19}{'req/s':>8}{'p50':>10}{'p99':>10}{'non-200':>8}{'sockerr':>8}"
+        f"  {'':<19}{'publishers':>11}{'req/s':>8}{'p50':>10}{'p99':>10}{'non-200':>8}{'sockerr':>8}"
         f"{'gw CPU':>7}{'wrk':>6}{'redis':>6}{'other':>6}{'gw CPU/req':>12}",
     ]
-    for name, run in [("GET  /livez", livez), *((o.mode.label, o.mint) for o in outcomes)]:
+    # /livez ran on the first run's gateway, with its publishers.
+    rows = [
+        ("GET  /livez", outcomes[0].mode.publishers, livez),
+        *((o.mode.label, o.mode.publishers, o.mint) for o in outcomes),
+    ]
+    for name, publishers, run in rows:
         s = run.stats
         lines.append(
-            f"  {name:<19}{s.requests_per_sec:>8,.0f}{format_ms(s.latency.get('50')):>10}"
+            f"  {name:<19}{publishers:>11,}{s.requests_per_sec:>8,.0f}{format_ms(s.latency.get('50')):>10}"
             f"{format_ms(s.latency.get('99')):>10}{s.non200:>8}{sum(s.socket_errors.values()):>8}"
             f"{share(run.gateway_cpu_seconds, run):>7}{share(run.wrk_cpu_seconds, run):>6}"
             f"{share(run.redis_cpu_seconds, run):>6}{share(run.other_cpu_seconds, run):>6}"
@@ -800,32 +889,77 @@ def report(
         per_worker = 1 / mint.cpu_per_request if mint.cpu_per_request else 0.0
         met = "met" if mint.stats.requests_per_sec >= o.mode.target else "NOT met"
         lines += [
-            f"  {o.mode.where:<10}: target {o.mode.target:,} mints/s with {args.workers} worker(s): {met} "
-            f"({mint.stats.requests_per_sec / o.mode.target:.0%}); one worker on a whole core: ~{per_worker:,.0f}/s",
-            f"  {'':<10}  mint/livez {ratio:.2f} by req/s; a mint costs {cost:.1f}x a livez in gateway CPU",
+            f"  {o.mode.run:<36}: target {o.mode.target:,} mints/s with {args.workers} worker(s): {met} "
+            f"({mint.stats.requests_per_sec / o.mode.target:.0%})",
+            f"  {'':<38}one worker on a whole core: ~{per_worker:,.0f}/s; mint/livez {ratio:.2f} by req/s; "
+            f"a mint costs {cost:.1f}x a livez in gateway CPU",
         ]
-    if len(outcomes) == 2:
-        base, other = (o.mint for o in outcomes)
-        extra = other.cpu_per_request - base.cpu_per_request
-        line = f"  {outcomes[1].mode.where} adds {extra * 1e6:+.0f} us of gateway CPU per mint"
-        line += f" ({extra / base.cpu_per_request:+.0%})" if base.cpu_per_request else ""
-        if other.redis_cpu_seconds is not None and other.stats.requests:
-            line += f", and redis-server spends {other.redis_cpu_seconds / other.stats.requests * 1e6:.0f} us"
-        lines.append(line)
+    lines += comparisons(outcomes)
+    lines += load_lines(outcomes)
     for o in outcomes:
         lua = o.mint.stats.lua
         if lua.get("statuses"):
             statuses = ", ".join(f"{k}: {v}" for k, v in sorted(lua["statuses"].items()))
-            lines.append(f"  mint statuses ({o.mode.where}): {statuses}")
+            lines.append(f"  mint statuses ({o.mode.run}): {statuses}")
         if lua.get("exhausted"):
             lines.append(
-                f"  WARNING: all {lua.get('tokens_available')} tokens of the {o.mode.where} run were used before it "
-                "ended; its mint rate is a lower bound. Rerun with a higher --rate (more tokens)."
+                f"  WARNING: all {lua.get('tokens_available')} tokens of the run {o.mode.run} were used before "
+                "it ended; its mint rate is a lower bound. Rerun with a higher --rate (more tokens)."
             )
     runs = [livez, *(o.mint for o in outcomes)]
     if max(run.other_cpu_seconds / run.wall_seconds for run in runs) > 0.15:
         lines.append("  NOTE: something else used the CPUs during the run; req/s is noisy, CPU/req less so.")
     return "\n".join(lines)
+
+
+def comparisons(outcomes: Sequence[Outcome]) -> list[str]:
+    """What more publishers cost a mint (against the store's first count), and what Redis adds (same count)."""
+    lines = []
+    for o in outcomes:
+        first = next(b for b in outcomes if b.mode.name == o.mode.name)
+        if first is not o:
+            lines.append(difference(first, o))
+        if o.mode.name != "redis":
+            continue
+        same_count = [b for b in outcomes if b.mode.name == "memory" and b.mode.publishers == o.mode.publishers]
+        if same_count:
+            line = difference(same_count[0], o)
+            if o.mint.redis_cpu_seconds is not None and o.mint.stats.requests:
+                line += f"; redis-server spends {o.mint.redis_cpu_seconds / o.mint.stats.requests * 1e6:.0f} us"
+            lines.append(line)
+    return lines
+
+
+def difference(base: Outcome, other: Outcome) -> str:
+    """What `other` costs a mint more than `base`, in gateway CPU and in mints/s."""
+    extra = other.mint.cpu_per_request - base.mint.cpu_per_request
+    line = f"  {other.mode.run} against {base.mode.run}: {extra * 1e6:+.0f} us of gateway CPU per mint"
+    line += f" ({extra / base.mint.cpu_per_request:+.0%})" if base.mint.cpu_per_request else ""
+    if base.mint.stats.requests_per_sec:
+        line += f", {other.mint.stats.requests_per_sec / base.mint.stats.requests_per_sec:.0%} of the mints/s"
+    return line
+
+
+def load_lines(outcomes: Sequence[Outcome]) -> list[str]:
+    """Each publishers count's load time against issue 4's target (100,000 in under 2 s, so fewer in less)."""
+    timed = [o for o in outcomes if o.load]
+    if not timed:
+        return []
+    lines = [
+        f"  startup: config.load + the Publishers index, best of {LOAD_REPEAT} fresh processes (target: "
+        f"{LOAD_TARGET_PUBLISHERS:,} publishers in under {LOAD_TARGET_SECONDS:g} s)",
+    ]
+    for o in timed:
+        assert o.load is not None
+        best = min(o.load)
+        if o.mode.publishers > LOAD_TARGET_PUBLISHERS:
+            verdict = "no target for more than that"
+        else:
+            verdict = "met" if best < LOAD_TARGET_SECONDS else "NOT met"
+            verdict += f" ({best / LOAD_TARGET_SECONDS:.0%} of the {LOAD_TARGET_SECONDS:g} s)"
+        all_times = " / ".join(f"{t:.3f}" for t in o.load)
+        lines.append(f"  {o.mode.publishers:>17,} publishers: {best:.3f} s ({all_times}): {verdict}")
+    return lines
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -836,6 +970,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes (default 1)")
+    default_publishers = ",".join(map(str, DEFAULT_PUBLISHERS))
+    parser.add_argument(
+        "--publishers", type=counts, metavar="N[,N...]", default=list(DEFAULT_PUBLISHERS), help="publishers in "
+        f"publishers.toml (default {default_publishers}): the in-process mode runs once per count and the Redis "
+        "mode with the first; each count's load time is measured in fresh processes",
+    )  # fmt: skip
     parser.add_argument(
         "--mode", choices=["both", "memory", "redis"], default="both", help="spend jtis in memory, in Redis, or "
         "both, one gateway after the other (default both)",
@@ -871,6 +1011,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--verbose", action="store_true", help="print wrk's own output")
     return parser.parse_args(argv)
+
+
+def counts(text: str) -> list[int]:
+    """--publishers: positive counts, comma-separated, in the order given, each once."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts like 10,100000 (got {text!r})") from None
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError("every count must be at least 1 (the bench's own publisher)")
+    return list(dict.fromkeys(values))
 
 
 def preflight(args: argparse.Namespace) -> str | None:
@@ -965,18 +1116,27 @@ def benchmark(
     script_args: Sequence[str],
     *,
     with_livez: bool,
+    with_load: bool,
 ) -> Outcome:
-    """Start a gateway for `mode`, warm it up, measure /livez (if asked) then mint-token, and stop it."""
+    """One run: write its config and time its load (if asked), start its gateway, measure it, stop it.
+
+    The gateway is warmed up, then wrk measures /livez (if asked) and mint-token.
+    """
     # Warm-up tokens share the key and claims but are never in the file, so no token is sent twice.
     assert key.kid is not None
     warm_tokens = TokenSigner(key.as_pem(private=True), key.kid).sign(
         token_claims(issuer, int(time.time())), args.warmup
     )
-    # A directory per mode: each gateway gets its own config and signing key, as a separate deployment would.
-    directory = directory / mode.name
+    # A directory per run: each gateway gets its own config and signing key, as a separate deployment would.
+    directory = directory / mode.key
     directory.mkdir()
     port = free_port()
-    config = write_config(directory, issuer, gateway_port=port, redis_url=mode.redis_url)
+    config = write_config(directory, issuer, gateway_port=port, redis_url=mode.redis_url, publishers=mode.publishers)
+    load = None
+    if with_load:
+        # Before the gateway starts: nothing of this run competes with the load for the CPUs.
+        print(f"timing the load of {mode.publishers:,} publishers...", flush=True)
+        load = time_load(config, mode.publishers)
     base = f"http://127.0.0.1:{port}"
     log = directory / "gateway.log"
     gateway = start_gateway(config, port=port, workers=args.workers, log=log)
@@ -988,28 +1148,57 @@ def benchmark(
             livez = measure(base, LIVEZ_PATH, gateway, args)
         profile = None
         if py_spy is not None and args.profile is not None:
-            profile = args.profile.with_name(f"{args.profile.stem}.{mode.name}{args.profile.suffix}")
+            profile = args.profile.with_name(f"{args.profile.stem}.{mode.key}{args.profile.suffix}")
         profiler = None if profile is None or py_spy is None else start_profiler(py_spy, gateway.pid, args, profile)
-        print(f"measuring POST {MINT_PATH} (jti store: {mode.where}) for {args.duration} s...", flush=True)
+        print(
+            f"measuring POST {MINT_PATH} (jti store: {mode.where}, {mode.publishers:,} publishers) for "
+            f"{args.duration} s...",
+            flush=True,
+        )
         mint = measure(base, MINT_PATH, gateway, args, script_args, redis_pid=mode.redis_pid)
         profiled = finish_profiler(profiler, args)
     finally:
         stop_gateway(gateway)
     if gateway.returncode not in (0, -signal.SIGINT):
         print(f"gateway exited with {gateway.returncode}:\n{tail(log)}", file=sys.stderr)
-    return Outcome(mode, mint, livez, profile if profiled else None)
+    return Outcome(mode, mint, livez, profile if profiled else None, load)
 
 
 def describe(args: argparse.Namespace, modes: Sequence[Mode]) -> dict[str, str]:
     """The setup lines of the summary, before the tokens line."""
-    order = ", then ".join(m.where for m in modes)
-    setup = {"gateway": f"{args.workers} worker(s); a fresh gateway per jti store, in order: {order}"}
+    order = ", then ".join(m.run for m in modes)
+    setup = {"gateway": f"{args.workers} worker(s); a fresh gateway per run, in order: {order}"}
+    setup["publishers"] = (
+        "the bench's group/project among N - 1 others in publishers.toml, group{i % "
+        f"{PUBLISHER_GROUPS}}}/project{{i}} with a project each; Redis runs with the first count only"
+    )
     for m in modes:
         if m.redis_url is not None:
             whose = "started for this run" if m.redis_pid is not None else "given with --redis, used as is"
             setup["redis"] = f"Redis {m.redis_version} at {m.redis_url}, {whose}"
     setup["wrk"] = f"{args.threads} thread(s), {args.connections} connections, {args.duration} s per run"
     return setup
+
+
+def results_json(
+    info: dict[str, str], setup: dict[str, str], livez: Run, outcomes: Sequence[Outcome]
+) -> dict[str, Any]:
+    """--json: runs keyed by store then publishers count (`mint.memory.100000`), load times by count."""
+    mint: dict[str, dict[str, Any]] = {}
+    for o in outcomes:
+        mint.setdefault(o.mode.name, {})[str(o.mode.publishers)] = dataclasses.asdict(o.mint)
+    return {
+        "machine": info,
+        "setup": setup,
+        "livez": dataclasses.asdict(livez),
+        "mint": mint,
+        "load_seconds": {str(o.mode.publishers): o.load for o in outcomes if o.load},
+        "target": {
+            **{o.mode.name: o.mode.target for o in outcomes},
+            "load_seconds": LOAD_TARGET_SECONDS,
+            "load_publishers": LOAD_TARGET_PUBLISHERS,
+        },
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1021,7 +1210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     py_spy = find_py_spy() if args.profile else None
 
     info = machine_info()
-    # Each mode gets its own slice of `needed` tokens: a jti spent in one store is never sent to the other.
+    # Each run gets its own slice of `needed` tokens: a jti spent by one gateway is never sent to another.
     needed = args.tokens or math.ceil(args.rate * args.duration * 1.3)
     outcomes: list[Outcome] = []
     with contextlib.ExitStack() as stack:
@@ -1038,33 +1227,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup["tokens"] = f"reused from {tokens_path}"
         else:
             tokens_path, setup["tokens"] = prepare_tokens(args, issuer, key, token_file, directory, needed * len(modes))
-        setup["tokens"] += f"; {needed:,} per mode"
+        setup["tokens"] += f"; {needed:,} per run"
+        timed: set[int] = set()
         for index, mode in enumerate(modes):
             if mode.redis_url is not None and mode.redis_url == spent_in and token_file is not None:
                 # Before the run, not after: a run that fails halfway has spent some of them all the same.
                 token_file.mark_spent(spent_in)
             script_args = [str(tokens_path), str(args.threads), str(index * needed), str(needed)]
-            outcomes.append(benchmark(args, issuer, key, directory, py_spy, mode, script_args, with_livez=index == 0))
+            with_load = mode.publishers not in timed
+            timed.add(mode.publishers)
+            outcomes.append(
+                benchmark(
+                    args, issuer, key, directory, py_spy, mode, script_args, with_livez=index == 0, with_load=with_load
+                )
+            )
 
     livez = outcomes[0].livez
     assert livez is not None
     print()
     print(report(info, setup, livez, outcomes, args))
-    profiles = {o.mode.name: (read_profile(o.profile), o.mint.cpu_per_request) for o in outcomes if o.profile}
+    profiles = {o.mode.key: (read_profile(o.profile), o.mint.cpu_per_request) for o in outcomes if o.profile}
     if profiles:
         print()
         print(summarize_profiles(profiles))
         paths = ", ".join(str(o.profile) for o in outcomes if o.profile)
         print(f"\n(raw stacks in {paths}; open them in https://www.speedscope.app)")
     if args.json:
-        results = {
-            "machine": info,
-            "setup": setup,
-            "livez": dataclasses.asdict(livez),
-            "mint": {o.mode.name: dataclasses.asdict(o.mint) for o in outcomes},
-            "target": {o.mode.name: o.mode.target for o in outcomes},
-        }
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps(results_json(info, setup, livez, outcomes), indent=2) + "\n")
     return 1 if any(o.failed for o in outcomes) else 0
 
 
