@@ -194,6 +194,9 @@ def _keygen(args: argparse.Namespace) -> int:
     except FileExistsError:
         print(f"{args.out} exists; refusing to overwrite a signing key", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"{args.out}: {e.strerror}", file=sys.stderr)
+        return 1
     with os.fdopen(fd, "w") as f:
         f.write(document)
     print(f"wrote {args.out} (kid {key.thumbprint()}, public key: {json.dumps(public_jwk(key))})")

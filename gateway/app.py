@@ -86,7 +86,8 @@ def create_app(
         limits=limits,
     )
     endpoints = Endpoints(exchange, metrics)
-    upload = UploadProxy(exchange) if settings.upstream is not None else None
+    # Always there: it answers 404 itself while no [upstream] is configured, so a reload can add one.
+    upload = UploadProxy(exchange)
     endpoints.upload = upload
     reloader = Reloader(exchange, metrics.reloads)
 
@@ -103,8 +104,7 @@ def create_app(
             await exchange.store.aclose()
             if exchange.limits is not None:
                 await exchange.limits.aclose()
-            if upload is not None:
-                await upload.aclose()
+            await upload.aclose()
 
     app = Starlette(
         routes=endpoints.routes(),

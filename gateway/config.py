@@ -23,6 +23,7 @@ from limits import parse_many
 
 from .errors import ConfigError
 from .issuers import KINDS
+from .jose import MAX_LIFETIME
 from .publishers import Publisher, normalize_project, under_namespaces
 
 DEFAULT_CONFIG = "issuers.toml"
@@ -178,10 +179,13 @@ class Table:
             return default
         return value  # type: ignore[no-any-return]
 
-    def number(self, key: str, default: float, *, minimum: float, integer: bool = True) -> Any:
+    def number(
+        self, key: str, default: float, *, minimum: float, maximum: float = 10**12, integer: bool = True
+    ) -> Any:
         value = self.get(key, int if integer else (int, float), default)
-        if value < minimum:
-            self.problem(key, f"must be at least {minimum} (got {value})")
+        # `not (a <= v <= b)` rather than `v < a`: nan and inf are TOML floats, and fail every comparison.
+        if not (minimum <= value <= maximum):
+            self.problem(key, f"must be between {minimum} and {maximum} (got {value})")
             return default
         return value
 
@@ -229,8 +233,10 @@ def _validate(
     publishers_file = t.string("publishers", "publishers.toml")
     signing_key_file = t.string("signing_key")
     previous_files = t.strings("previous_signing_keys") or ()
-    token_ttl = t.number("token_ttl", 900, minimum=60)
-    leeway = t.number("leeway", 30, minimum=0)
+    # Upper bounds: the gateway's own verifier refuses tokens living over a year, and a leeway of minutes is
+    # already generous for clock skew.
+    token_ttl = t.number("token_ttl", 900, minimum=60, maximum=MAX_LIFETIME)
+    leeway = t.number("leeway", 30, minimum=0, maximum=3600)
     redis_url = environ.get("GATEWAY_REDIS_URL") or t.string("redis_url")
     if "redis_url" in t.data and "GATEWAY_REDIS_URL" in environ:
         t.seen.add("redis_url")
@@ -493,6 +499,9 @@ def _publishers(file: Path, issuers: Mapping[str, Issuer], problems: _Problems) 
         return ()
     publishers = []
     for number, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict):
+            problems.add(file, f"[[publisher]] #{number}", "must be a table")
+            continue
         publisher = _publisher(entry, file, f"[[publisher]] #{number}", issuers, problems)
         if publisher is not None:
             publishers.append(publisher)

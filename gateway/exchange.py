@@ -109,7 +109,9 @@ class Exchange:
         verifier.check_algorithm(token)
         key = await self.keys.key(issuer.name, token.kid)
         claims = verifier.verify(token, key)
-        attempt.jti = jti_key(issuer.name, claims["jti"])
+        # Keyed by the issuer's URL (what signed it), not its config name, so renaming an issuer in a reload
+        # cannot make spent tokens new again.
+        attempt.jti = jti_key(issuer.url, claims["jti"])
         identity = KINDS[issuer.kind].identity(issuer, claims)
         attempt.identity = identity
         check_policy(issuer, identity)
@@ -130,7 +132,7 @@ class Exchange:
         now = self.clock()
         # Remember the jti for as long as any clock within the leeway could still accept the token.
         ttl = max(1.0, verified.claims["exp"] + self.settings.leeway - now + 1)
-        if not await self.store.spend(jti_key(verified.issuer.name, verified.claims["jti"]), ttl):
+        if not await self.store.spend(jti_key(verified.issuer.url, verified.claims["jti"]), ttl):
             raise ReusedToken("this ID token was already exchanged; each ID token can be used once")
         minted = self.signer.mint(
             identity=verified.identity,

@@ -15,6 +15,7 @@ import binascii
 import json
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_RSA_BITS = 2048
+# Issuers publish a handful of keys (current, next, previous); a set of thousands is an attack on our CPU.
+MAX_KEYS = 100
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 # After a failed fetch, wait this long before the next one that a TTL expiry would cause, so a down issuer is
 # not asked again on every request. Unknown-kid refreshes have their own, longer cooldown.
@@ -71,12 +74,15 @@ def parse_jwks(document: Any, algorithms: tuple[str, ...]) -> tuple[dict[str, Ke
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise FetchError("JWKS is not an object with a 'keys' list")
     entries = document["keys"]
+    if len(entries) > MAX_KEYS:
+        raise FetchError(f"JWKS lists {len(entries)} keys; more than {MAX_KEYS} is not a key set anyone rotates")
     kids = [raw.get("kid") if isinstance(raw, dict) else None for raw in entries]
+    counts = Counter(kid for kid in kids if isinstance(kid, str))
     keys: dict[str, Key] = {}
     dropped: list[str] = []
     for number, (raw, kid) in enumerate(zip(entries, kids, strict=True), start=1):
         name = f"key {kid!r}" if isinstance(kid, str) else f"key #{number}"
-        if isinstance(kid, str) and kids.count(kid) > 1:
+        if isinstance(kid, str) and counts[kid] > 1:
             # Two entries under one kid make the choice of key ambiguous; trust none of them.
             dropped.append(f"{name}: duplicate kid")
             continue
@@ -132,8 +138,8 @@ def rsa_bits(n: Any) -> int:
 
 
 def same_origin(a: str, b: str) -> bool:
-    pa, pb = urlsplit(a), urlsplit(b)
     try:
+        pa, pb = urlsplit(a), urlsplit(b)
         return (pa.scheme, pa.hostname, pa.port or 443) == (pb.scheme, pb.hostname, pb.port or 443)
     except ValueError:
         return False
@@ -160,7 +166,11 @@ class Fetcher:
             follow_redirects=False,
             timeout=timeout,
             trust_env=False,
-            headers={"Accept": "application/json", "User-Agent": "gateway (trusted publishing)"},
+            headers={
+                "Accept": "application/json",
+                "Accept-Encoding": "identity",
+                "User-Agent": "gateway (trusted publishing)",
+            },
         )
 
     async def fetch(self, clock: Callable[[], float]) -> KeySet:
@@ -191,8 +201,13 @@ class Fetcher:
                 f"discovery issuer {discovery.get('issuer')!r} does not equal the configured {self.issuer.url!r}"
             )
         jwks_uri = discovery.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme != "https":
-            raise FetchError(f"discovery jwks_uri {jwks_uri!r} is not an https URL")
+        try:
+            https = isinstance(jwks_uri, str) and len(jwks_uri) <= 2048 and urlsplit(jwks_uri).scheme == "https"
+        except ValueError:  # a malformed URL (bad IPv6 literal, ...) is as untrusted as a wrong one
+            https = False
+        if not https:
+            raise FetchError(f"discovery jwks_uri {str(jwks_uri)[:200]!r} is not an https URL")
+        assert isinstance(jwks_uri, str)
         if not same_origin(jwks_uri, self.issuer.url):
             raise FetchError(f"discovery jwks_uri {jwks_uri!r} is not on the issuer's origin")
         return jwks_uri
@@ -204,6 +219,9 @@ class Fetcher:
                     raise FetchError(f"{url} redirects ({response.status_code}); redirects are not followed")
                 if response.status_code != 200:
                     raise FetchError(f"{url} answered HTTP {response.status_code}")
+                if response.headers.get("content-encoding", "identity").lower() != "identity":
+                    # We asked for none: a compressed body could inflate far past the byte cap between checks.
+                    raise FetchError(f"{url} answered with a Content-Encoding; only identity is accepted")
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > self.max_bytes:
                     raise FetchError(f"{url} is larger than {self.max_bytes} bytes")
@@ -212,7 +230,7 @@ class Fetcher:
                     body += chunk
                     if len(body) > self.max_bytes:
                         raise FetchError(f"{url} is larger than {self.max_bytes} bytes")
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise FetchError(f"{url}: {type(e).__name__}: {e}") from None
         try:
             return json.loads(bytes(body))

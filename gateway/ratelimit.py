@@ -27,11 +27,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def rate_limits(settings: Settings) -> RateLimits | None:
+def rate_limits(settings: Settings, *, redis_url: str | None = None) -> RateLimits | None:
+    """The limits `settings` ask for, counted in the Redis at `redis_url` (default: the settings' own)."""
     if settings.rate_limit_client is None and settings.rate_limit_repository is None:
         return None
     return RateLimits(
-        client=settings.rate_limit_client, repository=settings.rate_limit_repository, redis_url=settings.redis_url
+        client=settings.rate_limit_client,
+        repository=settings.rate_limit_repository,
+        redis_url=redis_url or settings.redis_url,
     )
 
 

@@ -40,22 +40,32 @@ class Reloader:
         self._stamps = self._stat(exchange.settings.files)
         self._task: asyncio.Task[None] | None = None
         self._signalled: set[asyncio.Task[bool]] = set()
+        self._lock = asyncio.Lock()
+        # The Redis the running store and rate limits use; a changed redis_url waits for a restart.
+        self._redis_url = exchange.settings.redis_url
 
     async def reload(self) -> bool:
         """Load the config again and switch to it; False (and the old config kept) if it has problems."""
+        # One at a time: a reload that started later must not be overwritten by an earlier one finishing last.
+        async with self._lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         current = self.exchange.settings
         assert current.config_path is not None
+        # Stamped before reading: a file changed while it is parsed is seen as changed again by the watch.
+        before = self._stat(current.files)
         try:
             # In a thread: a large publishers file takes a second to parse, which the event loop must not wait.
             settings, publishers = await asyncio.to_thread(self._prepare, current.config_path)
         except ConfigError as e:
             # Remember the broken files, so the watch waits for the next change instead of retrying (and
             # logging) the same problems every interval.
-            self._stamps = self._stat(current.files)
+            self._stamps = before
             self.counter.labels("failure").inc()
             log.error("config reload refused; the previous config stays in force:\n%s", "\n".join(e.problems))
             return False
-        if settings.redis_url != current.redis_url:
+        if settings.redis_url != self._redis_url:
             log.warning("redis_url changed; the new value takes effect only after a restart")
         signer = None
         keys_changed = (settings.signing_key, settings.previous_signing_keys) != (
@@ -69,12 +79,13 @@ class Reloader:
             current.rate_limit_client,
             current.rate_limit_repository,
         ):
-            old, self.exchange.limits = self.exchange.limits, rate_limits(settings)
+            # On the Redis in force (the one the store uses), whatever the new file says.
+            old, self.exchange.limits = self.exchange.limits, rate_limits(settings, redis_url=self._redis_url)
             if self.exchange.limits is not None:
                 self.exchange.limits.on_error = self.exchange.store.on_error
             if old is not None:
                 await old.aclose()
-        self._stamps = self._stat(settings.files)
+        self._stamps = {**self._stat(settings.files), **{f: v for f, v in before.items() if f in settings.files}}
         self.counter.labels("success").inc()
         log.info(
             "config reloaded: %d issuer(s), %d publisher(s)", len(settings.issuers), len(settings.publishers)

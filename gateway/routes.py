@@ -59,7 +59,7 @@ def client_address(scope: Scope, trusted: tuple[IPv4Network | IPv6Network, ...])
     """The client's address: the peer's, or, when the peer is a trusted proxy, the nearest address in
     X-Forwarded-For that is not one. An untrusted peer's X-Forwarded-For is ignored: anyone can send one."""
     peer = scope.get("client")
-    address: str | None = peer[0] if peer else None
+    address: str | None = _unmapped(peer[0]) if peer else None
     if not trusted or not _within(address, trusted):
         return address
     forwarded = b",".join(value for name, value in scope["headers"] if name == b"x-forwarded-for")
@@ -68,8 +68,8 @@ def client_address(scope: Scope, trusted: tuple[IPv4Network | IPv6Network, ...])
         if not hop:
             continue
         if not _within(hop, trusted):
-            return hop if _is_ip(hop) else address
-        address = hop
+            return _unmapped(hop) if _is_ip(hop) else address
+        address = _unmapped(hop)
     return address
 
 
@@ -78,7 +78,18 @@ def _within(address: str | None, networks: tuple[IPv4Network | IPv6Network, ...]
         ip = ip_address(address or "")
     except ValueError:
         return False
-    return any(ip in network for network in networks)
+    # A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; they are still in the IPv4 networks configured.
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return any((mapped or ip) in network for network in networks)
+
+
+def _unmapped(address: str) -> str:
+    """::ffff:a.b.c.d as a.b.c.d, so one client has one address (and one rate-limit budget)."""
+    try:
+        mapped = getattr(ip_address(address), "ipv4_mapped", None)
+    except ValueError:
+        return address
+    return str(mapped) if mapped else address
 
 
 def _is_ip(address: str) -> bool:
@@ -104,7 +115,7 @@ class Endpoints:
         self.exchange = exchange
         self.metrics = metrics
         self.shutting_down = False
-        # The /legacy/ upload proxy (gateway.upload), set by create_app when [upstream] is configured.
+        # The /legacy/ upload proxy (gateway.upload), set by create_app; it answers 404 without [upstream].
         self.upload: ASGIApp | None = None
 
     @property

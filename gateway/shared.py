@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ def dump(key_set: KeySet) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def load(raw: bytes, algorithms: tuple[str, ...]) -> KeySet | None:
+def load(raw: bytes, algorithms: tuple[str, ...], now: float) -> KeySet | None:
     """A key set published by another replica, validated again: the store is shared, not trusted blindly."""
     try:
         document: Any = json.loads(raw)
@@ -36,8 +37,10 @@ def load(raw: bytes, algorithms: tuple[str, ...]) -> KeySet | None:
         jwks_uri = str(document["jwks_uri"])
     except (ValueError, TypeError, KeyError, FetchError):
         return None
-    if not keys:
+    if not keys or not math.isfinite(fetched_at):
         return None
+    # A replica whose clock runs ahead must not make the set look fresh here for longer than it is.
+    fetched_at = min(fetched_at, now)
     return KeySet(keys=keys, fetched_at=fetched_at, jwks_uri=jwks_uri, jwks=tuple(document["keys"]), source="redis")
 
 
@@ -102,7 +105,9 @@ class SharedKeys:
                 if shared is not None:
                     return shared
             key_set = await upstream()
-            await self.state.put(f"keys:{issuer}", dump(key_set), self.max_age)
+            # Redis failing now must not cost the issuer a second fetch: the set is good, sharing it is a bonus.
+            with contextlib.suppress(StoreUnavailable):
+                await self.state.put(f"keys:{issuer}", dump(key_set), self.max_age)
             return key_set
         finally:
             with contextlib.suppress(StoreUnavailable):  # else the lock expires by itself
@@ -136,7 +141,7 @@ class SharedKeys:
 
     async def _read(self, issuer: str, algorithms: tuple[str, ...]) -> KeySet | None:
         raw = await self.state.get(f"keys:{issuer}")
-        return None if raw is None else load(raw, algorithms)
+        return None if raw is None else load(raw, algorithms, self.clock())
 
 
 def _newest(*candidates: KeySet | None) -> KeySet:

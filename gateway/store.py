@@ -7,6 +7,7 @@ handed one of them by `create_app` and never knows which.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import secrets
 from collections.abc import Awaitable, Callable
@@ -23,9 +24,11 @@ from .errors import ReplayStoreUnavailable
 T = TypeVar("T")
 
 
-def jti_key(issuer: str, jti: str) -> str:
-    # Hashed so an attacker-chosen jti of any length or content becomes a fixed-size, inert key.
-    return f"jti:{issuer}:{hashlib.sha256(jti.encode('utf-8', 'surrogatepass')).hexdigest()}"
+def jti_key(issuer_url: str, jti: str) -> str:
+    # Hashed (issuer and jti together) so an attacker-chosen jti of any length or content becomes a fixed-size,
+    # inert key, and no URL lands in Redis key names.
+    digest = hashlib.sha256(f"{issuer_url}\n{jti}".encode("utf-8", "surrogatepass")).hexdigest()
+    return f"jti:{digest}"
 
 
 class SharedState(Protocol):
@@ -66,6 +69,9 @@ class MemoryStore:
         self.shared: SharedState | None = None
         self.on_error: Callable[[], None] = lambda: None
 
+    def spent(self, key: str) -> bool:
+        return key in self._spent
+
     async def spend(self, key: str, ttl: float) -> bool:
         # No await between the check and the write: on one event loop this is atomic.
         if key in self._spent:
@@ -91,6 +97,11 @@ class RedisStore:
     the same replica lets a retry take its place at once, and a background task deletes it (only if it is still
     that attempt) once Redis answers again, so a retry at any replica succeeds. No minted token ever stems from
     an unresolved attempt, so neither opens a replay.
+
+    With the opt-in fallback, the in-process store decides while Redis does not answer; it also remembers every
+    spend Redis confirmed (so a replica never accepts its own tokens twice across an outage), and what it spent
+    alone is written to Redis once Redis answers (so other replicas learn of it). Replays across replicas remain
+    possible only while Redis is actually down: the price of choosing availability.
     """
 
     # Deletes the key only if it still holds our value: a lock that expired and was taken by another replica
@@ -127,7 +138,10 @@ class RedisStore:
         self.on_error: Callable[[], None] = lambda: None
         self.shared: SharedState | None = self
         self._unresolved: TTLCache[str, tuple[str, ...]] = TTLCache(maxsize=100_000, ttl=24 * 3600, timer=clock)
-        self._undo: dict[tuple[str, str], None] = {}  # an ordered set of (key, attempt)
+        # Writes owed to Redis once it answers, in order: (key, attempt) -> None to delete the attempt if it is
+        # still there (it was unresolved), or the expiry time to record it (the fallback spent it).
+        self._undo: dict[tuple[str, str], float | None] = {}
+        self._clock = clock
         self._undoing: asyncio.Task[None] | None = None
         self._batch: list[tuple[str, str, int, asyncio.Future[bool]]] = []
         self._sending: set[asyncio.Task[None]] = set()
@@ -162,6 +176,8 @@ class RedisStore:
         name = self.prefix + key
         attempt = secrets.token_hex(8)
         millis = max(1, int(ttl * 1000))
+        if self.fallback is not None and self.fallback.spent(key):
+            return False
         earlier = self._unresolved.get(key, ())
         try:
             if earlier:
@@ -169,14 +185,19 @@ class RedisStore:
             else:
                 won = await self._batched(name, attempt, millis)
         except StoreUnavailable:
-            self._unresolve(name, attempt)
-            if self.fallback is not None:
-                return await self.fallback.spend(key, ttl)
-            raise ReplayStoreUnavailable(
-                "the shared replay store did not answer, so the token could not be spent safely; retry shortly"
-            ) from None
+            if self.fallback is None:
+                self._unresolve(name, attempt)
+                raise ReplayStoreUnavailable(
+                    "the shared replay store did not answer, so the token could not be spent safely; retry shortly"
+                ) from None
+            # The fallback decides, and Redis is told once it answers (SET NX: a no-op if the attempt landed).
+            self._owe(name, attempt, self._clock() + ttl)
+            return await self.fallback.spend(key, ttl)
         if earlier:
             self._unresolved.pop(key, None)
+        if won and self.fallback is not None:
+            with contextlib.suppress(ReplayStoreUnavailable):  # a full fallback only forgets its mirror
+                await self.fallback.spend(key, ttl)
         return bool(won)
 
     async def _batched(self, name: str, attempt: str, millis: int) -> bool:
@@ -227,7 +248,10 @@ class RedisStore:
     def _unresolve(self, name: str, attempt: str) -> None:
         key = name.removeprefix(self.prefix)
         self._unresolved[key] = (*self._unresolved.get(key, ()), attempt)[-8:]
-        self._undo[(name, attempt)] = None
+        self._owe(name, attempt, None)
+
+    def _owe(self, name: str, attempt: str, expires: float | None) -> None:
+        self._undo[(name, attempt)] = expires
         self._start_undoing()
 
     def _start_undoing(self) -> None:
@@ -235,11 +259,16 @@ class RedisStore:
             self._undoing = asyncio.create_task(self._undo_unresolved(), name="redis:undo")
 
     async def _undo_unresolved(self) -> None:
-        """Once Redis answers again, delete the attempts whose outcome was unknown (if still theirs)."""
+        """Once Redis answers again, settle what is owed: delete unresolved attempts (if still theirs), and record
+        the spends the fallback made alone."""
         while self._undo:
-            name, attempt = next(iter(self._undo))
+            (name, attempt), expires = next(iter(self._undo.items()))
             try:
-                await self._call(self.client.eval(self._DELETE_IF, 1, name, attempt))
+                if expires is None:
+                    await self._call(self.client.eval(self._DELETE_IF, 1, name, attempt))
+                elif expires > self._clock():
+                    millis = max(1, int((expires - self._clock()) * 1000))
+                    await self._call(self.client.set(name, attempt, nx=True, px=millis))
             except StoreUnavailable:
                 await asyncio.sleep(self.timeout)
                 continue

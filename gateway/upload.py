@@ -53,14 +53,18 @@ MAX_VALUE = 1024
 
 # Exactly what twine (requests-toolbelt), urllib3 and reqwest send, and nothing a parser could read two ways:
 # one boundary parameter; one name, one optional filename, both quoted and free of quotes, escapes and `*=`.
-_CONTENT_TYPE = re.compile(r"multipart/form-data;\s?boundary=(\"?)([0-9A-Za-z'()+_,./:=?-]{1,70})\1")
+# Boundary characters exclude RFC 2045's tspecials (`( ) , / : = ?` among them): a parser that splits the header
+# at "," would otherwise read another boundary than ours (bottle, in pypiserver, does) and see other parts.
+_CONTENT_TYPE = re.compile(r"multipart/form-data;\s?boundary=(\"?)([0-9A-Za-z'+_.-]{1,70})\1")
 _DISPOSITION = re.compile(r'form-data; ?name="([A-Za-z0-9_:.-]{1,100})"(?:; ?filename="([A-Za-z0-9_.+!-]{1,255})")?')
 _PART_CONTENT_TYPE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,200}")
 # Names the PEP 625 and wheel specs produce: the project part has no "-", so where it ends is never in doubt.
 # (pypiserver reads "good-1.0-evil-2.0.tar.gz" as project "good"; a looser rule would read "good-1.0-evil".)
-_SDIST = re.compile(r"([A-Za-z0-9_.]+)-([A-Za-z0-9_.+!]+)\.(?:tar\.gz|zip)")
+# Versions start with a digit, as pypiserver's own file-name rule assumes ("sampleproject-evil-1.0-..." would be
+# project "sampleproject-evil" to it).
+_SDIST = re.compile(r"([A-Za-z0-9_.]+)-([0-9][A-Za-z0-9_.+!]*)\.(?:tar\.gz|zip)")
 _WHEEL = re.compile(
-    r"([A-Za-z0-9_.]+)-([A-Za-z0-9_.+!]+)(?:-[0-9][A-Za-z0-9_.]*)?-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+\.whl"
+    r"([A-Za-z0-9_.]+)-([0-9][A-Za-z0-9_.+!]*)(?:-[0-9][A-Za-z0-9_.]*)?-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+\.whl"
 )
 
 
@@ -226,15 +230,12 @@ class UploadProxy:
 
     def __init__(self, exchange: Exchange, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.exchange = exchange
-        upstream = exchange.settings.upstream
-        timeout = upstream.timeout if upstream is not None else 300.0
         # No redirects: an upload re-sent to wherever a response points would carry the operator's credentials.
         # trust_env=False: proxies and CA files from the environment must not silently change whom we trust.
         self.client = httpx.AsyncClient(
             transport=transport,
             verify=ssl.create_default_context(),
             follow_redirects=False,
-            timeout=timeout,
             trust_env=False,
             headers={"User-Agent": "gateway (trusted publishing upload proxy)"},
         )
@@ -260,7 +261,9 @@ class UploadProxy:
                     return  # the client went away; nothing was forwarded
                 project = self._authorize(claims, form)
                 spool.seek(0)
-                await self._forward(send, upstream, spool, headers["content-type"], claims, project, form)
+                # The Content-Type the gateway parsed by, rebuilt, never the client's own bytes.
+                content_type = "multipart/form-data; boundary=" + boundary.decode("ascii")
+                await self._forward(send, upstream, spool, content_type, claims, project, form)
         except Refused as e:
             subject = claims.get("sub", "-") if claims else "-"
             log.info("upload refused (%d) for %s: %s", e.status, subject, e.reason)
@@ -276,7 +279,7 @@ class UploadProxy:
             )
         try:
             username, colon, password = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII input (UnicodeDecodeError is one too)
             raise Refused(403, "the Authorization header is not valid HTTP Basic credentials") from None
         if username != "__token__" or not colon:
             raise Refused(403, "the username must be __token__, with the minted upload token as the password")
@@ -374,7 +377,7 @@ class UploadProxy:
             "POST",
             upstream.url,
             content=body(),
-            # The same Content-Type, boundary included: the bytes are forwarded unchanged. An explicit
+            # The Content-Type with the boundary the gateway parsed by: the bytes are forwarded unchanged. An explicit
             # Content-Length, because not every index accepts a chunked upload.
             headers={
                 "Content-Type": content_type,
@@ -411,6 +414,8 @@ class UploadProxy:
             )
         log.info("upload of %s (project %s) for %s: upstream answered %d", files, project, claims.get("sub"), status)
         content_type = response.headers.get("content-type", "text/plain; charset=utf-8")
+        if not _PART_CONTENT_TYPE.fullmatch(content_type):
+            content_type = "application/octet-stream"  # the upstream's own header, not sane ASCII: not passed on
         await _answer(send, status, answer, content_type, {})
 
 
