@@ -270,8 +270,8 @@ async def test_audit_line_per_attempt_without_secrets(
         "jti_hash": None,
     }
     # Verified tokens carry the hash the jti is spent under; the others have none to give.
-    assert success["jti_hash"] == reuse["jti_hash"] == jti_key("gitlab-com", good["jti"])
-    assert mismatch["jti_hash"] == jti_key("gitlab-com", mismatched["jti"])
+    assert success["jti_hash"] == reuse["jti_hash"] == jti_key(issuer.url, good["jti"])
+    assert mismatch["jti_hash"] == jti_key(issuer.url, mismatched["jti"])
     assert (mismatch["repository"], mismatch["workflow"], mismatch["publisher"], mismatch["projects"]) == (
         "group/project", "release.yml", [], [],
     )  # fmt: skip
@@ -334,7 +334,7 @@ async def test_json_formatter_audit_record(
     assert TIME.match(parsed.pop("time"))
     assert parsed.pop("level") == "info" and parsed.pop("logger") == "gateway.audit"
     assert set(parsed) == AUDIT_FIELDS
-    assert parsed["outcome"] == "success" and parsed["jti_hash"] == jti_key("gitlab-com", claims["jti"])
+    assert parsed["outcome"] == "success" and parsed["jti_hash"] == jti_key(issuer.url, claims["jti"])
 
 
 @pytest.fixture
