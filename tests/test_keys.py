@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gzip
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -736,3 +738,73 @@ async def test_last_good_keys_serve_through_upstream_failure_until_max_age(
     issuer.status = None
     clock.advance(FAILURE_BACKOFF + 1)
     assert_ok(await gateway.mint(mint_token(issuer, clock)))
+
+
+# --- Hostile documents (security review) --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "jwks_uri",
+    [
+        pytest.param(lambda i: "https://[::1/keys", id="unclosed-ipv6"),
+        pytest.param(lambda i: f"{i.url}/keys\x01", id="control-character"),
+        pytest.param(lambda i: f"{i.url}/" + "a" * 2049, id="over-2048-chars"),
+        pytest.param(lambda i: f"{i.url}/" + "a" * 70_000, id="over-httpx-url-limit"),
+    ],
+)
+async def test_malformed_jwks_uri_is_issuer_unavailable_with_backoff(
+    gateway: Gateway, issuer: TestIssuer, clock: FakeClock, jwks_uri: Callable[[TestIssuer], str]
+) -> None:
+    """A malformed `jwks_uri` is a failed fetch (503, nothing requested from it), retried only after the backoff."""
+    issuer.discovery_overrides = {"jwks_uri": jwks_uri(issuer)}
+    for _ in range(3):
+        assert_unavailable(await gateway.mint(mint_token(issuer, clock)))
+    assert counts(issuer) == (1, 0)
+    assert issuer.requests == [issuer.discovery_path]
+    assert cached(gateway) is None
+    clock.advance(FAILURE_BACKOFF + 1)
+    assert_unavailable(await gateway.mint(mint_token(issuer, clock)))
+    assert counts(issuer) == (2, 0)
+
+
+def test_parse_jwks_refuses_more_than_100_entries() -> None:
+    """A JWKS of more than 100 entries is refused as a whole, however good its keys; 100 are parsed."""
+    keys, _ = parse_jwks({"keys": [public(f"k{n}") for n in range(100)]}, ("RS256",))
+    assert len(keys) == 100
+    with pytest.raises(FetchError, match="more than 100"):
+        parse_jwks({"keys": [public(f"k{n}") for n in range(101)]}, ("RS256",))
+
+
+@pytest.mark.parametrize("document", ["discovery", "jwks"])
+async def test_compressed_answer_is_refused(document: str) -> None:
+    """A discovery or JWKS answer with `Content-Encoding: gzip` is a failed fetch: it could inflate past the cap."""
+    seen: list[str | None] = []
+
+    # A mock transport: the TestIssuer never compresses, and this is an answer it cannot send.
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("accept-encoding"))
+        discovery = request.url.path == "/.well-known/openid-configuration"
+        body = (
+            {"issuer": "https://issuer.test", "jwks_uri": "https://issuer.test/keys"}
+            if discovery
+            else {"keys": [public("k")]}
+        )
+        compressed = document == ("discovery" if discovery else "jwks")
+        if compressed:
+            return httpx.Response(
+                200, content=gzip.compress(json.dumps(body).encode()), headers={"Content-Encoding": "gzip"}
+            )
+        return httpx.Response(200, json=body)
+
+    fetcher = Fetcher(
+        Issuer(name="direct", url="https://issuer.test", kind="gitlab"),
+        transport=httpx.MockTransport(handler),
+        timeout=5.0,
+        max_bytes=256 * KiB,
+    )
+    try:
+        with pytest.raises(FetchError, match="Content-Encoding"):
+            await fetcher.fetch(time.time)
+    finally:
+        await fetcher.aclose()
+    assert seen and all(value == "identity" for value in seen)

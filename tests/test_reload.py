@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +16,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import config
 from gateway.mint import generate_key
 from gateway.reload import Reloader
 from gateway.testing import TestIssuer
-from tests.conftest import PUBLISHER, Gateway, error_code, gitlab_issuer, write_config
+from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer, write_config
 from tests.processes import GatewayProcess, free_port
 
 RELEASE = PUBLISHER | {"repository": "group/release", "projects": ["release-project"]}
@@ -141,6 +143,82 @@ async def test_changed_file_is_noticed(make_gateway: Any, issuer: TestIssuer) ->
     assert watcher.changed()
     assert await watcher.reload()
     assert not watcher.changed()
+
+
+async def test_renaming_an_issuer_does_not_make_a_spent_token_new(make_gateway: Any, issuer: TestIssuer) -> None:
+    """A token spent before a reload that renames its issuer (same url) is still refused as reused after it."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    token = issuer.gitlab_token()
+    assert (await gateway.mint(token)).status_code == 200
+    write_config(directory_of(gateway), {"gitlab": gitlab_issuer(issuer)}, [PUBLISHER | {"issuer": "gitlab"}])
+    assert await reloader(gateway).reload()
+    assert [i.name for i in gateway.exchange.settings.issuers.values()] == ["gitlab"]
+    again = await gateway.mint(token)
+    assert (again.status_code, error_code(again)) == (422, "invalid-reuse-token")
+    assert "already exchanged" in description(again)
+
+
+def write_projects(directory: Path, issuer: TestIssuer, project: str) -> None:
+    """Write publishers.toml naming `project`, with an mtime no earlier write can share (coarse file clocks)."""
+    write_config(directory, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER | {"projects": [project]}])
+    publishers = directory / "publishers.toml"
+    stamp = time.time_ns() + len(project) * 1_000_000_000
+    os.utime(publishers, ns=(stamp, stamp))
+
+
+def projects_in_force(gateway: Gateway) -> tuple[str, ...]:
+    return gateway.exchange.settings.publishers[0].projects
+
+
+async def test_file_changed_while_a_reload_loads_is_still_seen_as_changed(
+    make_gateway: Any, issuer: TestIssuer
+) -> None:
+    """A file changed while a reload is reading the config stays "changed", so the watch applies it next."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    directory = directory_of(gateway)
+
+    def load_then_file_changes(path: Path) -> config.Settings:
+        settings = config.load(path)
+        write_projects(directory, issuer, "second-save")  # the editor's next save lands mid-reload
+        return settings
+
+    slow = Reloader(gateway.exchange, reloader(gateway).counter, load=load_then_file_changes)
+    write_projects(directory, issuer, "first")
+    assert await slow.reload()
+    assert projects_in_force(gateway) == ("first",)
+    assert slow.changed()
+    assert await reloader(gateway).reload()
+    assert projects_in_force(gateway) == ("second-save",)
+
+
+async def test_overlapping_reloads_apply_the_later_one(make_gateway: Any, issuer: TestIssuer) -> None:
+    """Two overlapping reloads (SIGHUP and the watch) run one after the other, so the later file wins."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    directory = directory_of(gateway)
+    entered, release = threading.Event(), threading.Event()
+    calls = 0
+
+    def slow_first_load(path: Path) -> config.Settings:
+        # Runs in the reload's worker thread, so blocking here stands for a large file still parsing.
+        nonlocal calls
+        calls += 1
+        settings = config.load(path)
+        if calls == 1:
+            entered.set()
+            release.wait(10)
+        return settings
+
+    slow = Reloader(gateway.exchange, reloader(gateway).counter, load=slow_first_load)
+    write_projects(directory, issuer, "older")
+    first = asyncio.create_task(slow.reload())
+    assert await asyncio.to_thread(entered.wait, 5)  # the first reload has read "older"
+    write_projects(directory, issuer, "newer")
+    second = asyncio.create_task(slow.reload())
+    await asyncio.sleep(0)  # let the second reload start (and wait its turn)
+    release.set()
+    assert await first and await second
+    assert projects_in_force(gateway) == ("newer",)
+    assert not slow.changed()
 
 
 # --- a real process: SIGHUP and the file watch ------------------------------------------------------------------
