@@ -131,6 +131,7 @@ async def make_gateway(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Any]:
         await gateway.client.aclose()
         await gateway.exchange.keys.aclose()
         await gateway.exchange.store.aclose()
+        await gateway.app.state.upload.aclose()
 
 
 @pytest.fixture

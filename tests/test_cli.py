@@ -148,6 +148,16 @@ def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
     assert out.read_text() == "the key in use\n"
 
 
+def test_keygen_into_a_missing_directory_is_one_line_without_traceback(tmp_path: Path) -> None:
+    """`gateway keygen --out` into a directory that does not exist exits 1 with one line naming the path."""
+    out = tmp_path / "nonexistent" / "dir" / "key.json"
+    result = gateway_cli("keygen", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"{out}: No such file or directory"]
+    assert "Traceback" not in result.stderr
+    assert not out.parent.exists()
+
+
 def test_keygen_without_out_prints_the_jwk(tmp_path: Path) -> None:
     """`gateway keygen` with no --out prints the private JWK on standard output and writes no file."""
     result = gateway_cli("keygen", cwd=tmp_path)

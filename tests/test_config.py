@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from joserfc.jwk import ECKey, RSAKey
 from gateway import config
 from gateway.config import Issuer, Settings
 from gateway.errors import ConfigError
+from gateway.jose import MAX_LIFETIME
 from gateway.mint import generate_key
 from gateway.publishers import Publisher
 from tests.conftest import PUBLISHER, write_config
@@ -496,6 +498,18 @@ VALID_ISSUER = '[issuers.gitlab-com]\nurl = "https://gitlab.com"\nkind = "gitlab
             "publishers.toml: publisher: must be an array of tables",
             id="publisher-not-array",
         ),
+        pytest.param(
+            VALID_GATEWAY + VALID_ISSUER,
+            "publisher = [1]\n",
+            "publishers.toml: [[publisher]] #1: must be a table",
+            id="publisher-entry-a-number",
+        ),
+        pytest.param(
+            VALID_GATEWAY + VALID_ISSUER,
+            "publisher = [[]]\n",
+            "publishers.toml: [[publisher]] #1: must be a table",
+            id="publisher-entry-an-array",
+        ),
     ],
 )
 def test_structural_load_error_names_file_and_table(
@@ -509,6 +523,42 @@ def test_structural_load_error_names_file_and_table(
     problems = problems_of(path)
     assert len(problems) == 1, problems
     assert problems[0].startswith(expected), problems
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        pytest.param(field, value, f"(got {value})", id=f"{field}-{value}")
+        for field in ("fetch_timeout", "reload_interval", "drain_seconds")
+        for value in (math.nan, math.inf)
+    ]
+    + [
+        pytest.param("token_ttl", MAX_LIFETIME + 1, f"between 60 and {MAX_LIFETIME}", id="token-ttl-over-a-year"),
+        pytest.param("leeway", 3601, "between 0 and 3600", id="leeway-over-an-hour"),
+    ],
+)
+def test_out_of_range_number_is_a_load_error_naming_the_field(
+    tmp_path: Path, field: str, value: float, fragment: str
+) -> None:
+    """nan, inf (valid TOML floats) and numbers past a field's upper bound are load errors naming the field."""
+    problems = problems_of(write_config(tmp_path, ISSUERS, [], **{field: value}))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"issuers.toml: [gateway] {field}:"), problems
+    assert fragment in problems[0], problems
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_upstream_timeout_is_a_load_error(tmp_path: Path, value: str) -> None:
+    """An [upstream] timeout of nan or infinity is a load error naming the field."""
+    path = write_config(tmp_path, ISSUERS, [])
+    upstream = (
+        f'[upstream]\nurl = "https://pypi.example/legacy/"\nusername = "op"\npassword_env = "PW"\ntimeout = {value}\n'
+    )
+    path.write_text(path.read_text() + "\n" + upstream)
+    problems = problems_of(path, {"PW": "secret"})
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("issuers.toml: [upstream] timeout:"), problems
+    assert f"(got {value})" in problems[0], problems
 
 
 def test_missing_config_file_is_reported(tmp_path: Path) -> None:

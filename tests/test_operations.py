@@ -489,6 +489,29 @@ def test_client_address(
     assert client_address(scope(peer, *forwarded), networks) == expected
 
 
+@pytest.mark.parametrize(
+    ("trusted", "peer", "forwarded", "expected"),
+    [
+        pytest.param(["127.0.0.0/8"], ("::ffff:127.0.0.1", 80), ["203.0.113.9"], "203.0.113.9", id="mapped-proxy"),
+        pytest.param([], ("::ffff:203.0.113.9", 80), [], "203.0.113.9", id="mapped-peer-untrusted"),
+        pytest.param(["127.0.0.0/8"], ("::ffff:203.0.113.9", 80), ["192.0.2.1"], "203.0.113.9", id="mapped-peer"),
+        pytest.param(
+            ["127.0.0.0/8"], ("127.0.0.1", 80), ["::ffff:203.0.113.9"], "203.0.113.9", id="mapped-forwarded-hop"
+        ),
+        pytest.param(
+            ["127.0.0.0/8"], ("::ffff:127.0.0.1", 80), ["::ffff:127.0.0.2"], "127.0.0.2", id="mapped-trusted-hop"
+        ),
+        pytest.param([], ("2001:db8::1", 80), [], "2001:db8::1", id="plain-ipv6-unchanged"),
+    ],
+)
+def test_client_address_of_a_dual_stack_listener(
+    trusted: list[str], peer: tuple[str, int], forwarded: list[str], expected: str
+) -> None:
+    """A dual-stack address ::ffff:a.b.c.d counts as a.b.c.d for trusted_proxies and is given back as a.b.c.d."""
+    networks = tuple(ip_network(n) for n in trusted)
+    assert client_address(scope(peer, *forwarded), networks) == expected
+
+
 # Rate limits
 
 

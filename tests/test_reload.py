@@ -214,8 +214,12 @@ async def test_overlapping_reloads_apply_the_later_one(make_gateway: Any, issuer
     assert await asyncio.to_thread(entered.wait, 5)  # the first reload has read "older"
     write_projects(directory, issuer, "newer")
     second = asyncio.create_task(slow.reload())
-    await asyncio.sleep(0)  # let the second reload start (and wait its turn)
-    release.set()
+    try:
+        # Time enough for the second reload to finish if nothing held it back; serialized, it waits for the first.
+        await asyncio.wait({second}, timeout=0.3)
+        assert not second.done()
+    finally:
+        release.set()
     assert await first and await second
     assert projects_in_force(gateway) == ("newer",)
     assert not slow.changed()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet as JWKSet
 from starlette.applications import Starlette
 
-from gateway import config
+from gateway import config, shared
 from gateway.app import create_app
 from gateway.exchange import Exchange
 from gateway.mint import generate_key
@@ -490,3 +491,59 @@ async def test_replicas_share_redis_over_unix_socket_and_tls(
         assert await b.ready() == 200
         with server.client() as inspect:
             assert len(list(inspect.scan_iter(match="gateway:jti:*"))) == 1
+
+
+# --- Shared key sets that cannot be trusted blindly (security review) ---------------------------------------------
+
+
+def shared_document(issuer: TestIssuer, fetched_at: float) -> bytes:
+    """A key set as another replica publishes it in Redis (gateway.shared.dump's shape), with `fetched_at` set."""
+    document = {"keys": issuer.jwks()["keys"], "fetched_at": fetched_at, "jwks_uri": issuer.url + issuer.jwks_path}
+    return json.dumps(document).encode()  # json writes nan and inf as NaN and Infinity, and reads them back
+
+
+@pytest.mark.parametrize(
+    ("fetched_at", "seen_as"),
+    [
+        pytest.param(lambda now: now - 10, lambda now: now - 10, id="past-kept"),
+        pytest.param(lambda now: now + 3600, lambda now: now, id="an-hour-ahead-clamped"),
+        pytest.param(lambda now: 1e300, lambda now: now, id="1e300-clamped"),
+    ],
+)
+def test_shared_set_from_a_clock_ahead_is_dated_no_later_than_now(
+    issuer: TestIssuer, clock: FakeClock, fetched_at: Callable[[float], float], seen_as: Callable[[float], float]
+) -> None:
+    """A shared set's `fetched_at` is clamped to this replica's now: a fast clock elsewhere cannot stretch its TTL."""
+    key_set = shared.load(shared_document(issuer, fetched_at(clock())), ("RS256",), clock())
+    assert key_set is not None and key_set.source == "redis"
+    assert key_set.fetched_at == seen_as(clock())
+    assert issuer.signing_kid in key_set.keys
+
+
+@pytest.mark.parametrize("fetched_at", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_shared_set_with_a_non_finite_fetched_at_is_ignored(issuer: TestIssuer, fetched_at: float) -> None:
+    """A shared set dated NaN or infinity is not adopted (it could never expire), so the replica fetches its own."""
+    assert shared.load(shared_document(issuer, fetched_at), ("RS256",), 1_000_000.0) is None
+
+
+async def test_redis_failing_after_the_upstream_fetch_costs_no_second_fetch(
+    make_replicas: MakeReplicas, issuer: TestIssuer, redis_server: RedisServer
+) -> None:
+    """If Redis stops answering while the lock holder fetches keys, the set it fetched is used: one fetch, not two."""
+    (replica,) = await make_replicas(1, replay_fallback=True)
+    replica.exchange.store.deadline = 0.3  # each hung Redis call gives up sooner; keeps the test fast
+    # The JWKS answer is held back, so Redis can be frozen while the fetch is in flight (after lock and read).
+    issuer.delay = 0.5
+    issuer.paths_misbehave = {"jwks"}
+    mint = asyncio.create_task(replica.mint(issuer.gitlab_token()))
+    for _ in range(1000):  # wall time: waiting for the issuer's thread to see the request, not for the clock
+        if issuer.jwks_count:
+            break
+        await asyncio.sleep(0.005)
+    redis_server.pause()
+    try:
+        response = await mint
+    finally:
+        redis_server.resume()
+    assert response.status_code == 200, response.text  # keys from the one fetch; the jti spent by the fallback
+    assert (issuer.discovery_count, issuer.jwks_count) == (1, 1)

@@ -548,6 +548,9 @@ BAD_UPLOADS = [
     # pypiserver reads this as project "sampleproject"; a last-hyphen split would read "sampleproject-1.0-evil".
     bad("ambiguous-sdist-name", upload_body(filename="sampleproject-1.0-evil-2.0.tar.gz"), "not a wheel or sdist"),
     bad("not-a-distribution", upload_body(filename="sampleproject-1.0.0.exe"), "not a wheel or sdist file name"),
+    # Versions start with a digit: pypiserver files the wheel under project "sampleproject-evil".
+    bad("wheel-version-not-a-digit", upload_body(filename="sampleproject-evil-1.0-py3-none-any.whl"), "not a wheel"),
+    bad("sdist-version-not-a-digit", upload_body(filename="sampleproject-evil.tar.gz"), "not a wheel"),
     bad("duplicate-name", with_file(part("name", "requests"), SDIST_PART), "'name' appears more than once"),
     bad("duplicate-content", with_file(SDIST_PART, part("content", b"y", filename=OTHER)), "'content' appears more"),
     bad("duplicate-action", with_file(part(":action", "file_upload"), SDIST_PART), "':action' appears more"),
@@ -608,3 +611,85 @@ async def test_upload_that_is_not_a_plain_multipart_form_is_refused(
     response = await proxy.upload(await proxy.mint(issuer), upload_body(), content_type=content_type, headers=headers)
     assert response.status_code == 400
     assert index.received == []
+
+
+# --- Security review: what the upstream could read differently, and inputs that used to be a 500 ---------------
+
+
+@pytest.mark.parametrize("special", list("(),/:=?"))
+@pytest.mark.parametrize("quoted", [False, True], ids=["bare", "quoted"])
+async def test_boundary_with_a_tspecial_is_refused_and_nothing_is_forwarded(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex, special: str, quoted: bool
+) -> None:
+    """A boundary holding one of `( ) , / : = ?` (bottle splits `X,Y` at the comma) is refused with 400."""
+    boundary = f"X{special}Y"
+    body = upload_body().replace(BOUNDARY.encode(), boundary.encode())
+    value = f'"{boundary}"' if quoted else boundary
+    response = await proxy.upload(await proxy.mint(issuer), body, content_type=f"multipart/form-data; boundary={value}")
+    assert response.status_code == 400, response.text
+    assert "multipart/form-data with one boundary parameter" in response.text
+    assert index.received == []
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        pytest.param(f'multipart/form-data; boundary="{BOUNDARY}"', id="quoted"),
+        pytest.param(f"multipart/form-data;boundary={BOUNDARY}", id="no-space"),
+    ],
+)
+async def test_forwarded_content_type_is_rebuilt_by_the_gateway(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex, content_type: str
+) -> None:
+    """The upstream gets `multipart/form-data; boundary=<b>` rebuilt from the parsed boundary, not the client's."""
+    response = await proxy.upload(await proxy.mint(issuer), upload_body(), content_type=content_type)
+    assert response.status_code == 200, response.text
+    assert [received.headers["content-type"] for received in index.received] == [CONTENT_TYPE]
+
+
+async def test_non_ascii_basic_credentials_are_refused(proxy: Proxy, index: FakeIndex) -> None:
+    """Basic credentials that are not ASCII get 403 saying so, not a 500."""
+    response = await proxy.client.post(
+        "/legacy/",
+        content=upload_body(),
+        headers={"Content-Type": CONTENT_TYPE, "Authorization": b"Basic \xc3\xa9\xc3\xa9"},
+    )
+    assert response.status_code == 403
+    assert "not valid HTTP Basic credentials" in response.text
+    assert index.received == []
+
+
+async def test_upstream_content_type_outside_printable_ascii_is_passed_back_as_octet_stream(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """An upstream Content-Type that is not printable ASCII comes back as application/octet-stream, not a 500."""
+    index.answer_headers = {"content-type": "text/plain; x=\u20ac"}
+    response = await proxy.upload(await proxy.mint(issuer), upload_body())
+    assert response.status_code == 200
+    assert response.content == b"OK"
+    assert response.headers["content-type"] == "application/octet-stream"
+
+
+async def test_upstream_added_by_a_reload_serves_legacy(
+    make_gateway: Any, issuer: TestIssuer, index: FakeIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/legacy/ answers 404 without [upstream], and forwards uploads once a reload adds one."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    token = (await gateway.mint(issuer.gitlab_token())).json()["token"]
+    headers = {"Content-Type": CONTENT_TYPE, "Authorization": basic("__token__", token)}
+    assert (await gateway.client.post("/legacy/", content=upload_body(), headers=headers)).status_code == 404
+    assert index.received == []
+
+    path = gateway.exchange.settings.config_path
+    monkeypatch.setenv("UPSTREAM_PASSWORD", OPERATOR[1])
+    table = (
+        f'[upstream]\nurl = {json.dumps(index.url)}\nusername = "{OPERATOR[0]}"\npassword_env = "UPSTREAM_PASSWORD"\n'
+    )
+    path.write_text(path.read_text() + "\n" + table)
+    assert await gateway.app.state.reloader.reload()
+    try:
+        response = await gateway.client.post("/legacy/", content=upload_body(), headers=headers)
+    finally:
+        await gateway.app.state.upload.aclose()  # make_gateway's teardown does not close the upload client
+    assert response.status_code == 200, response.text
+    assert [received.headers["authorization"] for received in index.received] == [basic(*OPERATOR)]
