@@ -17,13 +17,12 @@ from starlette.applications import Starlette
 from . import config, logs
 from .errors import GatewayError
 from .exchange import Exchange
-from .keys import Keys
+from .keys.shared import SharedKeys
 from .metrics import Metrics
-from .mint import Signer, generate_key
-from .ratelimit import rate_limits
+from .mint import generate_key
 from .reload import Reloader
 from .routes import Endpoints, gateway_error
-from .shared import SharedKeys
+from .runtime import Services, build
 from .store import MemoryStore, RedisStore, Store
 from .upload import UploadProxy
 
@@ -40,56 +39,33 @@ def create_app(
 ) -> Starlette:
     """Build the app; every outside dependency can be passed in, and the rest comes from `settings`."""
     clock = clock or time.time
-    key = signing_key or settings.signing_key
-    if key is None:
+    ephemeral = None
+    if signing_key is None and settings.signing_key is None:
         log.warning(
             "no signing_key configured: using an ephemeral key; minted tokens stop verifying on restart "
             "and replicas disagree (make one with `gateway keygen`)"
         )
-        key = generate_key()
+        ephemeral = generate_key()
     if store is None:
         store = _default_store(settings, clock)
-    shared = None
-    if store.shared is not None:
-        shared = SharedKeys(
-            store.shared,
-            clock=clock,
-            ttl=settings.keys_ttl,
-            cooldown=settings.refresh_cooldown,
-            max_age=settings.keys_max_age,
-            timeout=settings.fetch_timeout,
-        )
     metrics = Metrics()
-    limits = rate_limits(settings)
     store.on_error = lambda: metrics.count(metrics.redis_errors)
-    if limits is not None:
-        limits.on_error = store.on_error
-    keys = Keys(
-        settings.issuers,
-        shared=shared,
-        on_fetch=lambda issuer, outcome: metrics.count(metrics.fetches, issuer, outcome),
-        on_lookup=lambda level: metrics.count(metrics.key_lookups, level),
+    services = Services(
         clock=clock,
         transport=transport,
-        ttl=settings.keys_ttl,
-        cooldown=settings.refresh_cooldown,
-        max_age=settings.keys_max_age,
-        timeout=settings.fetch_timeout,
-        max_bytes=settings.fetch_max_bytes,
+        shared_keys=SharedKeys(store.shared, clock=clock) if store.shared is not None else None,
+        on_fetch=lambda issuer, outcome: metrics.count(metrics.fetches, issuer, outcome),
+        on_lookup=lambda level: metrics.count(metrics.key_lookups, level),
+        signing_key=signing_key,
+        ephemeral_key=ephemeral,
+        on_redis_error=store.on_error,
     )
-    exchange = Exchange(
-        settings,
-        keys=keys,
-        store=store,
-        signer=Signer(key, settings.previous_signing_keys),
-        clock=clock,
-        limits=limits,
-    )
+    exchange = Exchange(build(settings, services), store=store, clock=clock)
     endpoints = Endpoints(exchange, metrics)
     # Always there: it answers 404 itself while no [upstream] is configured, so a reload can add one.
     upload = UploadProxy(exchange)
     endpoints.upload = upload
-    reloader = Reloader(exchange, metrics.reloads)
+    reloader = Reloader(exchange, services, metrics.reloads)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -100,7 +76,7 @@ def create_app(
         finally:
             endpoints.shutting_down = True
             await reloader.stop()
-            await keys.aclose()
+            await exchange.keys.aclose()
             await exchange.store.aclose()
             if exchange.limits is not None:
                 await exchange.limits.aclose()
@@ -144,7 +120,9 @@ def drain_on_sigterm(endpoints: Endpoints, seconds: Callable[[], float]) -> None
 def _default_store(settings: config.Settings, clock: Callable[[], float]) -> Store:
     if settings.redis_url is None:
         return MemoryStore(clock)
-    return RedisStore.from_url(settings.redis_url, clock=clock, fallback=settings.replay_fallback)
+    return RedisStore.from_url(
+        settings.redis_url, clock=clock, fallback=settings.replay_fallback, prefix=settings.redis_prefix
+    )
 
 
 def from_environment() -> Starlette:

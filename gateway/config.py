@@ -27,6 +27,9 @@ from .jose import MAX_LIFETIME
 from .publishers import Publisher, normalize_project, under_namespaces
 
 DEFAULT_CONFIG = "issuers.toml"
+# The largest `leeway` a config may set. Spent jtis are remembered until exp + MAX_LEEWAY (exchange.py), so no
+# reload, whatever leeway it sets, can make a spent token acceptable again.
+MAX_LEEWAY = 300
 
 # Algorithms an issuer may list. Symmetric ones and `none` can never be listed: an HMAC "key" taken from a
 # public JWKS is public, so anyone could sign with it. EdDSA is listed under RFC 9864's fully specified name.
@@ -35,6 +38,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_REDIS_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _PROJECT = re.compile(r"[A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9]", re.IGNORECASE)
 
 
@@ -45,6 +49,9 @@ class Issuer:
     kind: str
     namespaces: tuple[str, ...] = ()
     ca_bundle: Path | None = None
+    # The bundle's content as read when the config was loaded: the trust the fetcher uses, and part of the
+    # issuer's identity in shared state (keys.fetch.trust_id), so a changed file is a changed issuer.
+    ca_pem: bytes | None = field(default=None, repr=False)
     algorithms: tuple[str, ...] = ("RS256",)
     # Policy for every kind: a suspended issuer keeps its publishers but mints nothing.
     enabled: bool = True
@@ -76,6 +83,7 @@ class Settings:
     token_ttl: int = 900
     leeway: int = 30
     redis_url: str | None = None
+    redis_prefix: str = "gateway:"
     replay_fallback: bool = False
     max_body: int = 16 * 1024
     fetch_timeout: float = 5.0
@@ -236,12 +244,13 @@ def _validate(
     # Upper bounds: the gateway's own verifier refuses tokens living over a year, and a leeway of minutes is
     # already generous for clock skew.
     token_ttl = t.number("token_ttl", 900, minimum=60, maximum=MAX_LIFETIME)
-    leeway = t.number("leeway", 30, minimum=0, maximum=3600)
+    leeway = t.number("leeway", 30, minimum=0, maximum=MAX_LEEWAY)
     redis_url = environ.get("GATEWAY_REDIS_URL") or t.string("redis_url")
     if "redis_url" in t.data and "GATEWAY_REDIS_URL" in environ:
         t.seen.add("redis_url")
     if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
         t.problem("redis_url", "must be a redis://, rediss:// or unix:// URL")
+    redis_prefix = _redis_prefix(t)
     replay_fallback = t.get("replay_fallback", bool, False)
     max_body = t.number("max_body", 16 * 1024, minimum=1024)
     fetch_timeout = t.number("fetch_timeout", 5.0, minimum=0.1, integer=False)
@@ -291,6 +300,7 @@ def _validate(
         token_ttl=token_ttl,
         leeway=leeway,
         redis_url=redis_url,
+        redis_prefix=redis_prefix,
         replay_fallback=replay_fallback,
         max_body=max_body,
         fetch_timeout=float(fetch_timeout),
@@ -344,6 +354,19 @@ def _upstream(
     if url is None or username is None or not password:
         return None
     return Upstream(url=url, username=username, password=password, max_upload=max_upload, timeout=float(timeout))
+
+
+def _redis_prefix(t: Table) -> str:
+    value = t.string("redis_prefix", "gateway:") or "gateway:"
+    # Plain characters only: the prefix also goes into ACL key patterns (~PREFIX*) and SCAN patterns, where glob
+    # characters, spaces or control characters would match other deployments' keys or none at all.
+    if not _REDIS_PREFIX.fullmatch(value):
+        t.problem(
+            "redis_prefix",
+            f"must be 1-64 letters, digits or '_', '-', '.', ':', starting with a letter or digit (got {value!r})",
+        )
+        return "gateway:"
+    return value
 
 
 def _networks(t: Table, key: str) -> tuple[IPv4Network | IPv6Network, ...]:
@@ -434,10 +457,11 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
                     "algorithms",
                     f"{algorithm!r} is not allowed; choose from {', '.join(sorted(ASYMMETRIC_ALGORITHMS))}",
                 )
-        ca_bundle = None
+        ca_bundle = ca_pem = None
         if ca_file is not None:
             ca_bundle = path.parent / ca_file
-            if not _is_pem_certificates(ca_bundle):
+            ca_pem = _pem_certificates(ca_bundle)
+            if ca_pem is None:
                 t.problem("ca_bundle", f"{ca_bundle} is not a readable PEM certificate file")
         if url is not None and kind is not None:
             issuers[name] = Issuer(
@@ -446,6 +470,7 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
                 kind=kind,
                 namespaces=namespaces,
                 ca_bundle=ca_bundle,
+                ca_pem=ca_pem,
                 algorithms=algorithms,
                 enabled=enabled,
                 require_protected_ref=require_protected_ref,
@@ -455,11 +480,12 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
     return issuers
 
 
-def _is_pem_certificates(path: Path) -> bool:
+def _pem_certificates(path: Path) -> bytes | None:
     try:
-        return b"-----BEGIN CERTIFICATE-----" in path.read_bytes()
+        content = path.read_bytes()
     except OSError:
-        return False
+        return None
+    return content if b"-----BEGIN CERTIFICATE-----" in content else None
 
 
 def _signing_key(file: Path, path: Path, where: str, problems: _Problems, *, private: bool = True) -> Key | None:

@@ -8,18 +8,19 @@ spent only once a publisher matched (so a token refused for a fixable reason sta
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .config import Issuer, Settings
+from .config import MAX_LEEWAY, Issuer, Settings
 from .errors import InvalidPayload, InvalidPublisher, ReusedToken
 from .identity import Identity
 from .issuers import KINDS
 from .jose import VerifiedClaims, Verifier, peek
-from .keys import Keys
+from .keys.cache import Keys
 from .mint import Minted, Signer
 from .publishers import Match, Publisher, Publishers, under_namespaces
 from .ratelimit import RateLimits
+from .runtime import Runtime
 from .store import Store, jti_key
 
 
@@ -51,63 +52,60 @@ class Exchanged:
 
 
 class Exchange:
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        keys: Keys,
-        store: Store,
-        signer: Signer,
-        clock: Callable[[], float],
-        limits: RateLimits | None = None,
-    ) -> None:
-        self.keys = keys
-        self.limits = limits
+    """The pipeline, reading everything a config implies from one frozen `Runtime`, swapped whole by a reload.
+
+    Each request takes the runtime once and uses it to the end, so it never mixes an old and a new config.
+    """
+
+    def __init__(self, runtime: Runtime, *, store: Store, clock: Callable[[], float]) -> None:
+        self.runtime = runtime
         self.store = store
-        self.signer = signer
         self.clock = clock
-        self.settings = settings
-        self.publishers = Publishers(settings.publishers)
-        self.verifiers = self._verifiers(settings)
 
-    def _verifiers(self, settings: Settings) -> dict[str, Verifier]:
-        return {
-            name: Verifier(
-                issuer_url=issuer.url,
-                audience=settings.audience,
-                algorithms=issuer.algorithms,
-                leeway=settings.leeway,
-                clock=self.clock,
-            )
-            for name, issuer in settings.issuers.items()
-        }
+    def switch(self, runtime: Runtime) -> Runtime:
+        """Put `runtime` in force (one assignment: no request sees half of it); returns the one it replaces."""
+        previous, self.runtime = self.runtime, runtime
+        return previous
 
-    def reconfigure(
-        self, settings: Settings, signer: Signer | None = None, publishers: Publishers | None = None
-    ) -> None:
-        """Switch to new settings at once: everything is built first, then swapped without an await between."""
-        publishers = publishers or Publishers(settings.publishers)
-        verifiers = self._verifiers(settings)
-        self.keys.reconfigure(settings.issuers, timeout=settings.fetch_timeout, max_bytes=settings.fetch_max_bytes)
-        self.keys.ttl, self.keys.cooldown = settings.keys_ttl, settings.refresh_cooldown
-        self.keys.max_age = settings.keys_max_age
-        self.settings, self.publishers, self.verifiers = settings, publishers, verifiers
-        if signer is not None:
-            self.signer = signer
+    # Read-only views of the runtime in force, for the routes, the upload proxy, explain and tests.
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
 
-    async def verify(self, raw: str, attempt: Attempt | None = None) -> Verified:
+    @property
+    def publishers(self) -> Publishers:
+        return self.runtime.publishers
+
+    @property
+    def verifiers(self) -> Mapping[str, Verifier]:
+        return self.runtime.verifiers
+
+    @property
+    def keys(self) -> Keys:
+        return self.runtime.keys
+
+    @property
+    def signer(self) -> Signer:
+        return self.runtime.signer
+
+    @property
+    def limits(self) -> RateLimits | None:
+        return self.runtime.limits
+
+    async def verify(self, raw: str, attempt: Attempt | None = None, *, runtime: Runtime | None = None) -> Verified:
         attempt = attempt if attempt is not None else Attempt()
+        runtime = runtime or self.runtime
         token = peek(raw)
-        issuer = self.settings.by_url.get(token.issuer)
+        issuer = runtime.settings.by_url.get(token.issuer)
         if issuer is None:
             # Exact match only, and no network I/O: an attacker's `iss` never becomes a URL we fetch.
             raise InvalidPayload(f"issuer {token.issuer[:200]!r} is not trusted by this gateway")
         attempt.issuer = issuer.name
         if not issuer.enabled:
             raise InvalidPayload(f"issuer {issuer.name!r} is suspended by this gateway's operator")
-        verifier = self.verifiers[issuer.name]
+        verifier = runtime.verifiers[issuer.name]
         verifier.check_algorithm(token)
-        key = await self.keys.key(issuer.name, token.kid)
+        key = await runtime.keys.key(issuer.name, token.kid)
         claims = verifier.verify(token, key)
         # Keyed by the issuer's URL (what signed it), not its config name, so renaming an issuer in a reload
         # cannot make spent tokens new again.
@@ -117,29 +115,33 @@ class Exchange:
         check_policy(issuer, identity)
         return Verified(issuer=issuer, claims=claims, identity=identity)
 
-    def match(self, verified: Verified) -> Match:
+    def match(self, verified: Verified, *, runtime: Runtime | None = None) -> Match:
         kind = KINDS[verified.issuer.kind]
-        return self.publishers.match(verified.identity, environment_case_sensitive=kind.environment_case_sensitive)
+        publishers = (runtime or self.runtime).publishers
+        return publishers.match(verified.identity, environment_case_sensitive=kind.environment_case_sensitive)
 
     async def exchange(self, raw: str, attempt: Attempt | None = None) -> Exchanged:
         attempt = attempt if attempt is not None else Attempt()
-        verified = await self.verify(raw, attempt)
-        if self.limits is not None:
+        runtime = self.runtime
+        verified = await self.verify(raw, attempt, runtime=runtime)
+        if runtime.limits is not None:
             # Counted for every verified attempt, matched or not: a repository cannot probe publishers freely.
-            await self.limits.hit_repository(verified.issuer.name, verified.identity.repository)
-        match = self.match(verified)
+            await runtime.limits.hit_repository(verified.issuer.name, verified.identity.repository)
+        match = self.match(verified, runtime=runtime)
         attempt.publishers, attempt.projects = match.publishers, match.projects
         now = self.clock()
-        # Remember the jti for as long as any clock within the leeway could still accept the token.
-        ttl = max(1.0, verified.claims["exp"] + self.settings.leeway - now + 1)
+        # Remember the jti for as long as any clock within the *largest* leeway a config may set could still accept
+        # the token, not the leeway in force: a reload raising it must not make a spent token new again.
+        ttl = max(1.0, verified.claims["exp"] + MAX_LEEWAY - now + 1)
         if not await self.store.spend(jti_key(verified.issuer.url, verified.claims["jti"]), ttl):
             raise ReusedToken("this ID token was already exchanged; each ID token can be used once")
-        minted = self.signer.mint(
+        settings = runtime.settings
+        minted = runtime.signer.mint(
             identity=verified.identity,
             projects=match.projects,
-            issuer=self.settings.url,
-            audience=self.settings.audience,
-            ttl=self.settings.token_ttl,
+            issuer=settings.url,
+            audience=settings.audience,
+            ttl=settings.token_ttl,
             now=now,
         )
         return Exchanged(verified=verified, match=match, minted=minted)

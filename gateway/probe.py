@@ -1,6 +1,6 @@
 """`gateway probe-issuer`: the contract's discovery and key rules (section 5), checked one by one against a candidate.
 
-An operator runs it before adding an issuer to `issuers.toml`. The fetching is the gateway's own (`keys.Fetcher`:
+An operator runs it before adding an issuer to `issuers.toml`. The fetching is the gateway's own (`keys.fetch.Fetcher`:
 no redirects, the byte cap, one deadline for discovery and keys together), so a candidate that passes here is
 one the gateway can use, and every rule prints the evidence it was judged on. A jwks_uri the gateway would refuse
 is never contacted. The probe is stricter than the gateway in two places, because both mean some of the issuer's
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from .config import Issuer, Settings, is_base_url
-from .keys import Fetcher, FetchError, parse_jwks, rsa_bits, same_origin
+from .keys.fetch import Fetcher, FetchError, parse_jwks, rsa_bits, same_origin
 
 
 class Status(enum.StrEnum):

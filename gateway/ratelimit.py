@@ -35,6 +35,7 @@ def rate_limits(settings: Settings, *, redis_url: str | None = None) -> RateLimi
         client=settings.rate_limit_client,
         repository=settings.rate_limit_repository,
         redis_url=redis_url or settings.redis_url,
+        prefix=settings.redis_prefix,
     )
 
 
@@ -50,6 +51,7 @@ class RateLimits:
         repository: str | None,
         redis_url: str | None = None,
         timeout: float = 0.5,
+        prefix: str = "gateway:",
     ) -> None:
         self.client = tuple(parse_many(client)) if client else ()
         self.repository = tuple(parse_many(repository)) if repository else ()
@@ -65,7 +67,7 @@ class RateLimits:
                 redis_url,
                 implementation="redispy",
                 wrap_exceptions=True,
-                key_prefix="gateway:limits",
+                key_prefix=f"{prefix}limits",
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
             )

@@ -1,8 +1,9 @@
 """Reloading issuers.toml and publishers.toml without a restart: on SIGHUP, and when a watched file changes.
 
-A new config is loaded and validated whole before anything changes; a bad one is refused with its problems
-logged, and the config in force stays. What cannot change in a running process (the Redis URL) is kept, with a
-warning that it needs a restart.
+A new config is loaded and validated whole, and everything it implies is built (runtime.build), before anything
+changes; then it is put in force in one step. A bad config is refused with its problems logged, and the config in
+force stays. So is a config that changes a setting only a restart can apply (runtime.RESTART_ONLY): applying the
+rest would leave a config in force that no file says, so the whole reload is refused, naming the setting.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from prometheus_client import Counter
@@ -19,9 +20,8 @@ from prometheus_client import Counter
 from . import config
 from .errors import ConfigError
 from .exchange import Exchange
-from .mint import Signer
 from .publishers import Publishers
-from .ratelimit import rate_limits
+from .runtime import Services, build, restart_needed
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +30,19 @@ class Reloader:
     def __init__(
         self,
         exchange: Exchange,
+        services: Services,
         counter: Counter,
         *,
         load: Callable[[Path], config.Settings] = config.load,
     ) -> None:
         self.exchange = exchange
+        self.services = services
         self.counter = counter
         self.load = load
         self._stamps = self._stat(exchange.settings.files)
         self._task: asyncio.Task[None] | None = None
         self._signalled: set[asyncio.Task[bool]] = set()
         self._lock = asyncio.Lock()
-        # The Redis the running store and rate limits use; a changed redis_url waits for a restart.
-        self._redis_url = exchange.settings.redis_url
 
     async def reload(self) -> bool:
         """Load the config again and switch to it; False (and the old config kept) if it has problems."""
@@ -59,38 +59,36 @@ class Reloader:
             # In a thread: a large publishers file takes a second to parse, which the event loop must not wait.
             settings, publishers = await asyncio.to_thread(self._prepare, current.config_path)
         except ConfigError as e:
-            # Remember the broken files, so the watch waits for the next change instead of retrying (and
-            # logging) the same problems every interval.
-            self._stamps = before
-            self.counter.labels("failure").inc()
-            log.error("config reload refused; the previous config stays in force:\n%s", "\n".join(e.problems))
-            return False
-        if settings.redis_url != self._redis_url:
-            log.warning("redis_url changed; the new value takes effect only after a restart")
-        signer = None
-        keys_changed = (settings.signing_key, settings.previous_signing_keys) != (
-            current.signing_key,
-            current.previous_signing_keys,
-        )
-        if keys_changed and settings.signing_key is not None:
-            signer = Signer(settings.signing_key, settings.previous_signing_keys)
-        self.exchange.reconfigure(settings, signer, publishers)
-        if (settings.rate_limit_client, settings.rate_limit_repository) != (
-            current.rate_limit_client,
-            current.rate_limit_repository,
-        ):
-            # On the Redis in force (the one the store uses), whatever the new file says.
-            old, self.exchange.limits = self.exchange.limits, rate_limits(settings, redis_url=self._redis_url)
-            if self.exchange.limits is not None:
-                self.exchange.limits.on_error = self.exchange.store.on_error
-            if old is not None:
-                await old.aclose()
+            return self._refuse(before, "config reload refused; the previous config stays in force:", e.problems)
+        restart = restart_needed(current, settings)
+        if restart:
+            return self._refuse(
+                before,
+                "config reload refused whole; the previous config stays in force:",
+                [f"{name} changed: {name} needs a restart (restart the process to apply it)" for name in restart],
+            )
+        previous = self.exchange.runtime
+        try:
+            runtime = build(settings, self.services, previous, publishers=publishers)
+        except (OSError, ValueError) as e:  # a CA bundle OpenSSL cannot use (ssl.SSLError is an OSError)
+            return self._refuse(before, "config reload refused; the previous config stays in force:", [str(e)])
+        self.exchange.switch(runtime)
+        if previous.limits is not None and previous.limits is not runtime.limits:
+            await previous.limits.aclose()
         self._stamps = {**self._stat(settings.files), **{f: v for f, v in before.items() if f in settings.files}}
         self.counter.labels("success").inc()
         log.info(
             "config reloaded: %d issuer(s), %d publisher(s)", len(settings.issuers), len(settings.publishers)
         )
         return True
+
+    def _refuse(self, before: dict[Path, tuple[int, int] | None], message: str, problems: Sequence[str]) -> bool:
+        # Remember the refused files, so the watch waits for the next change instead of retrying (and logging)
+        # the same problems every interval.
+        self._stamps = before
+        self.counter.labels("failure").inc()
+        log.error("%s\n%s", message, "\n".join(problems))
+        return False
 
     def _prepare(self, path: Path) -> tuple[config.Settings, Publishers]:
         settings = self.load(path)

@@ -148,7 +148,13 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, clock: Callable[[], float], fallback: bool = False, timeout: float = 0.5
+        cls,
+        url: str,
+        *,
+        clock: Callable[[], float],
+        fallback: bool = False,
+        timeout: float = 0.5,
+        prefix: str = "gateway:",
     ) -> RedisStore:
         # A blocking pool queues a burst for free connections instead of failing it; queueing is local
         # congestion, not an outage, so it may take longer than one Redis round trip (the call's deadline).
@@ -162,7 +168,7 @@ class RedisStore:
             # One quick retry hides a dropped idle connection; more would stretch a request past its budget.
             retry=Retry(NoBackoff(), retries=1),
         )
-        return cls(Redis(connection_pool=pool), clock=clock, fallback=fallback, timeout=timeout)
+        return cls(Redis(connection_pool=pool), clock=clock, fallback=fallback, timeout=timeout, prefix=prefix)
 
     async def _call(self, command: Awaitable[T]) -> T:
         try:

@@ -12,7 +12,7 @@ import trustme
 from joserfc.jwk import ECKey, RSAKey
 
 from gateway import config
-from gateway.config import Issuer, Settings
+from gateway.config import MAX_LEEWAY, Issuer, Settings
 from gateway.errors import ConfigError
 from gateway.jose import MAX_LIFETIME
 from gateway.mint import generate_key
@@ -293,7 +293,7 @@ BAD_CONFIGS = [
         ISSUERS, [], {"token_ttl": 10}, "issuers.toml: [gateway] token_ttl:", "between 60 and", id="ttl-small"
     ),
     pytest.param(
-        ISSUERS, [], {"leeway": -1}, "issuers.toml: [gateway] leeway:", "between 0 and 3600", id="leeway-negative"
+        ISSUERS, [], {"leeway": -1}, "issuers.toml: [gateway] leeway:", "between 0 and 300", id="leeway-negative"
     ),
     pytest.param(
         ISSUERS,
@@ -534,7 +534,7 @@ def test_structural_load_error_names_file_and_table(
     ]
     + [
         pytest.param("token_ttl", MAX_LIFETIME + 1, f"between 60 and {MAX_LIFETIME}", id="token-ttl-over-a-year"),
-        pytest.param("leeway", 3601, "between 0 and 3600", id="leeway-over-an-hour"),
+        pytest.param("leeway", MAX_LEEWAY + 1, f"between 0 and {MAX_LEEWAY}", id="leeway-over-max-leeway"),
     ],
 )
 def test_out_of_range_number_is_a_load_error_naming_the_field(

@@ -24,7 +24,8 @@ import pytest
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from gateway.config import Issuer
-from gateway.keys import FAILURE_BACKOFF, Fetcher, FetchError, KeySet, parse_jwks
+from gateway.keys.cache import FAILURE_BACKOFF
+from gateway.keys.fetch import Fetcher, FetchError, KeySet, parse_jwks
 from gateway.testing import DELETE, FakeClock, TestIssuer, oct_jwk, weak_rsa_jwk
 from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer
 
@@ -50,7 +51,7 @@ def logs(caplog: pytest.LogCaptureFixture) -> Callable[[], str]:
     caplog.set_level(logging.WARNING, logger="gateway.keys")
 
     def text() -> str:
-        return "\n".join(record.getMessage() for record in caplog.records if record.name == "gateway.keys")
+        return "\n".join(record.getMessage() for record in caplog.records if record.name.startswith("gateway.keys"))
 
     return text
 

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import config, logs
 from gateway.app import create_app
 from gateway.errors import ConfigError
-from gateway.keys import FAILURE_BACKOFF
+from gateway.keys.cache import FAILURE_BACKOFF
 from gateway.ratelimit import RateLimits
 from gateway.routes import client_address
 from gateway.store import jti_key

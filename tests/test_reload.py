@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,12 @@ def directory_of(gateway: Gateway) -> Path:
 
 def reloader(gateway: Gateway) -> Reloader:
     return gateway.app.state.reloader  # type: ignore[no-any-return]
+
+
+def like(gateway: Gateway, *, load: Callable[[Path], config.Settings]) -> Reloader:
+    """Another reloader for `gateway`'s exchange, services and counter, loading the config with `load`."""
+    running = reloader(gateway)
+    return Reloader(gateway.exchange, running.services, running.counter, load=load)
 
 
 def reloads(text: str) -> dict[str, float]:
@@ -182,7 +188,7 @@ async def test_file_changed_while_a_reload_loads_is_still_seen_as_changed(
         write_projects(directory, issuer, "second-save")  # the editor's next save lands mid-reload
         return settings
 
-    slow = Reloader(gateway.exchange, reloader(gateway).counter, load=load_then_file_changes)
+    slow = like(gateway, load=load_then_file_changes)
     write_projects(directory, issuer, "first")
     assert await slow.reload()
     assert projects_in_force(gateway) == ("first",)
@@ -208,7 +214,7 @@ async def test_overlapping_reloads_apply_the_later_one(make_gateway: Any, issuer
             release.wait(10)
         return settings
 
-    slow = Reloader(gateway.exchange, reloader(gateway).counter, load=slow_first_load)
+    slow = like(gateway, load=slow_first_load)
     write_projects(directory, issuer, "older")
     first = asyncio.create_task(slow.reload())
     assert await asyncio.to_thread(entered.wait, 5)  # the first reload has read "older"

@@ -22,9 +22,11 @@ from joserfc import jwt
 from joserfc.jwk import KeySet as JWKSet
 from starlette.applications import Starlette
 
-from gateway import config, shared
+from gateway import config
 from gateway.app import create_app
+from gateway.config import MAX_LEEWAY, Issuer
 from gateway.exchange import Exchange
+from gateway.keys import shared
 from gateway.mint import generate_key
 from gateway.store import SharedState, jti_key
 from gateway.testing import FakeClock, TestIssuer
@@ -176,10 +178,10 @@ async def test_concurrent_replay_across_replicas_mints_once(make_replicas: MakeR
     assert {error_code(r) for r in responses if r.status_code == 422} == {"invalid-reuse-token"}
 
 
-async def test_spent_jti_is_remembered_past_exp_and_leeway(
+async def test_spent_jti_is_remembered_past_exp_and_the_largest_leeway(
     make_replicas: MakeReplicas, issuer: TestIssuer, redis_server: RedisServer, clock: FakeClock
 ) -> None:
-    """The jti's key in Redis, named by a hash of the jti, lives until past the token's exp plus the leeway."""
+    """The jti's key in Redis, named by a hash of the jti, lives past exp plus MAX_LEEWAY, not just the leeway."""
     (replica,) = await make_replicas(1, leeway=30)
     claims = issuer.gitlab_claims()
     assert (await replica.mint(issuer.sign(claims))).status_code == 200
@@ -188,7 +190,7 @@ async def test_spent_jti_is_remembered_past_exp_and_leeway(
         pttl = inspect.pttl(f"gateway:{jti_key(issuer.url, claims['jti'])}")
     assert keys == [f"gateway:{jti_key(issuer.url, claims['jti'])}"]
     assert claims["jti"] not in keys[0]
-    assert pttl / 1000 > claims["exp"] + 30 - clock()
+    assert pttl / 1000 > claims["exp"] + MAX_LEEWAY - clock()
 
 
 # The unknown-kid cooldown and key rotation, shared
@@ -497,9 +499,18 @@ async def test_replicas_share_redis_over_unix_socket_and_tls(
 
 
 def shared_document(issuer: TestIssuer, fetched_at: float) -> bytes:
-    """A key set as another replica publishes it in Redis (gateway.shared.dump's shape), with `fetched_at` set."""
-    document = {"keys": issuer.jwks()["keys"], "fetched_at": fetched_at, "jwks_uri": issuer.url + issuer.jwks_path}
+    """A key set as another replica publishes it in Redis (gateway.keys.shared.dump's shape), with `fetched_at` set."""
+    document = {
+        "issuer": issuer.url,
+        "keys": issuer.jwks()["keys"],
+        "fetched_at": fetched_at,
+        "jwks_uri": issuer.url + issuer.jwks_path,
+    }
     return json.dumps(document).encode()  # json writes nan and inf as NaN and Infinity, and reads them back
+
+
+def as_issuer(issuer: TestIssuer) -> Issuer:
+    return Issuer(name="gitlab-com", url=issuer.url, kind="gitlab")
 
 
 @pytest.mark.parametrize(
@@ -514,7 +525,7 @@ def test_shared_set_from_a_clock_ahead_is_dated_no_later_than_now(
     issuer: TestIssuer, clock: FakeClock, fetched_at: Callable[[float], float], seen_as: Callable[[float], float]
 ) -> None:
     """A shared set's `fetched_at` is clamped to this replica's now: a fast clock elsewhere cannot stretch its TTL."""
-    key_set = shared.load(shared_document(issuer, fetched_at(clock())), ("RS256",), clock())
+    key_set = shared.load(shared_document(issuer, fetched_at(clock())), as_issuer(issuer), clock())
     assert key_set is not None and key_set.source == "redis"
     assert key_set.fetched_at == seen_as(clock())
     assert issuer.signing_kid in key_set.keys
@@ -523,7 +534,7 @@ def test_shared_set_from_a_clock_ahead_is_dated_no_later_than_now(
 @pytest.mark.parametrize("fetched_at", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 def test_shared_set_with_a_non_finite_fetched_at_is_ignored(issuer: TestIssuer, fetched_at: float) -> None:
     """A shared set dated NaN or infinity is not adopted (it could never expire), so the replica fetches its own."""
-    assert shared.load(shared_document(issuer, fetched_at), ("RS256",), 1_000_000.0) is None
+    assert shared.load(shared_document(issuer, fetched_at), as_issuer(issuer), 1_000_000.0) is None
 
 
 async def test_redis_failing_after_the_upstream_fetch_costs_no_second_fetch(

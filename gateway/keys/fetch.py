@@ -1,10 +1,7 @@
-"""Issuer keys: OIDC discovery and JWKS fetching, validation, and a per-issuer cache.
+"""Fetching an issuer's keys: OIDC discovery and the JWKS, each document checked and capped.
 
-The cache follows two rules. Fail closed on tokens, degrade gracefully on keys: the last good key set keeps
-serving (up to `keys_max_age`) while the issuer is unreachable, and an empty or invalid set is never cached.
-And an attacker must not be able to turn token requests into upstream traffic: an unknown `kid` causes at most
-one refresh per issuer per cooldown, concurrent requests share one fetch, and a stale but usable key set is
-refreshed in the background instead of in a request's path.
+Used by the key cache (cache.py), by the replica-shared tier to check a set another replica published (shared.py),
+and by `gateway probe-issuer`, so a candidate issuer is judged by exactly the code that will fetch its keys.
 """
 
 from __future__ import annotations
@@ -12,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
-import logging
+import re
 import ssl
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -26,21 +24,28 @@ from joserfc.errors import JoseError
 from joserfc.jwk import Key, import_key
 from joserfc.jws import JWSRegistry
 
-from .config import Issuer
-from .errors import InvalidToken, IssuerUnavailable
+from ..config import Issuer
 
-if TYPE_CHECKING:
-    from .shared import SharedKeys
-
-log = logging.getLogger(__name__)
+__all__ = [
+    "MAX_KEYS",
+    "MIN_RSA_BITS",
+    "FetchError",
+    "Fetcher",
+    "KeyPolicy",
+    "KeySet",
+    "fits",
+    "parse_jwks",
+    "rsa_bits",
+    "same_origin",
+    "trust_id",
+]
 
 MIN_RSA_BITS = 2048
 # Issuers publish a handful of keys (current, next, previous); a set of thousands is an attack on our CPU.
 MAX_KEYS = 100
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-# After a failed fetch, wait this long before the next one that a TTL expiry would cause, so a down issuer is
-# not asked again on every request. Unknown-kid refreshes have their own, longer cooldown.
-FAILURE_BACKOFF = 5.0
+
+
 
 class FetchError(Exception):
     """An issuer's discovery or key set could not be had; the message is for operators and logs."""
@@ -56,6 +61,29 @@ class KeySet:
     jwks: tuple[Mapping[str, Any], ...] = ()
     # Where this process got the set: "upstream" (fetched it) or "redis" (another replica did).
     source: str = "upstream"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """How long key sets are kept and how they are fetched: the [gateway] settings both cache tiers follow."""
+
+    ttl: float = 300
+    cooldown: float = 60
+    max_age: float = 24 * 3600
+    timeout: float = 5.0
+    max_bytes: int = 256 * 1024
+
+
+def trust_id(issuer: Issuer) -> str:
+    """A fixed-size name for what a key set fetched for `issuer` depends on: its URL, CA content and algorithms.
+
+    Two issuers with one id would fetch the same documents over the same trust and accept the same keys, so they may
+    share a key set; the config name is no part of it, since two gateways (or two reloads) can give one name to
+    different issuers.
+    """
+    ca = hashlib.sha256(issuer.ca_pem).hexdigest() if issuer.ca_pem is not None else "system"
+    identity = "\n".join([issuer.url, ca, ",".join(issuer.algorithms)])
+    return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def fits(key: Key, algorithms: tuple[str, ...]) -> bool:
@@ -241,185 +269,17 @@ class Fetcher:
         await self.client.aclose()
 
 
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*-----END CERTIFICATE-----")
+
+
 def _ssl_context(issuer: Issuer) -> ssl.SSLContext:
     context = ssl.create_default_context()
-    if issuer.ca_bundle is not None:
-        # Added to, not instead of, the system CAs.
+    # Added to, not instead of, the system CAs. The content the config read (and trust_id hashed) when there is
+    # one, so the trust in use is exactly the trust named; the file only for a bare Issuer (probe-issuer).
+    if issuer.ca_pem is not None:
+        # Only the certificate blocks: text around them (comments, in any encoding) is not PEM's, nor OpenSSL's.
+        blocks = _PEM_CERTIFICATE.findall(issuer.ca_pem)
+        context.load_verify_locations(cadata=b"\n".join(blocks).decode("ascii"))
+    elif issuer.ca_bundle is not None:
         context.load_verify_locations(cafile=str(issuer.ca_bundle))
     return context
-
-
-@dataclass(slots=True)
-class _State:
-    key_set: KeySet | None = None
-    kid_refresh_at: float | None = None
-    failed_at: float | None = None
-    inflight: asyncio.Task[KeySet | None] | None = None
-    last_error: str | None = None
-
-
-class Keys:
-    def __init__(
-        self,
-        issuers: Mapping[str, Issuer],
-        *,
-        clock: Callable[[], float],
-        transport: httpx.AsyncBaseTransport | None = None,
-        ttl: float = 300,
-        cooldown: float = 60,
-        max_age: float = 24 * 3600,
-        timeout: float = 5.0,
-        max_bytes: int = 256 * 1024,
-        shared: SharedKeys | None = None,
-        on_fetch: Callable[[str, str], None] | None = None,
-        on_lookup: Callable[[str], None] | None = None,
-    ) -> None:
-        self.clock = clock
-        self.shared = shared
-        # Observers for metrics: (issuer, "ok"|"error") per upstream fetch; the cache level that had a key.
-        self.on_fetch = on_fetch or (lambda issuer, outcome: None)
-        self.on_lookup = on_lookup or (lambda level: None)
-        self.ttl = ttl
-        self.cooldown = cooldown
-        self.max_age = max_age
-        self._transport = transport
-        self._fetchers: dict[str, Fetcher] = {}
-        self._states: dict[str, _State] = {}
-        self._algorithms: dict[str, tuple[str, ...]] = {}
-        self._retired: list[Fetcher] = []
-        self.reconfigure(issuers, timeout=timeout, max_bytes=max_bytes)
-
-    def reconfigure(self, issuers: Mapping[str, Issuer], *, timeout: float, max_bytes: int) -> None:
-        """Adopt a new set of issuers; an issuer whose fetching is unchanged keeps its cached keys."""
-        fetchers: dict[str, Fetcher] = {}
-        states: dict[str, _State] = {}
-        for name, issuer in issuers.items():
-            old = self._fetchers.get(name)
-            if (
-                old is not None
-                and (old.issuer.url, old.issuer.ca_bundle, old.issuer.algorithms)
-                == (issuer.url, issuer.ca_bundle, issuer.algorithms)
-                and (old.timeout, old.max_bytes) == (timeout, max_bytes)
-            ):
-                fetchers[name], states[name] = old, self._states[name]
-            else:
-                fetchers[name] = Fetcher(issuer, transport=self._transport, timeout=timeout, max_bytes=max_bytes)
-                states[name] = _State()
-        # Clients of dropped fetchers may still serve a request in flight; they are closed with the app.
-        self._retired += [f for name, f in self._fetchers.items() if fetchers.get(name) is not f]
-        self._fetchers, self._states = fetchers, states
-        self._algorithms = {name: issuer.algorithms for name, issuer in issuers.items()}
-
-    def state(self, issuer: str) -> _State:
-        return self._states[issuer]
-
-    async def key(self, issuer: str, kid: str) -> Key:
-        state = self._states.get(issuer)
-        if state is None:
-            # Only when a reload removed the issuer while this request was under way.
-            raise self._unavailable(issuer)
-        cached = state.key_set
-        key_set = await self._usable(issuer, state)
-        key = key_set.keys.get(kid)
-        if key is not None:
-            self.on_lookup("memory" if key_set is cached else key_set.source)
-            return key
-        now = self.clock()
-        if state.inflight is not None:
-            key_set = await self._wait(issuer, state, "kid")
-        elif state.kid_refresh_at is None or now - state.kid_refresh_at >= self.cooldown:
-            # Started here, counted whether or not the fetch succeeds: a flood of random kids gets one fetch.
-            state.kid_refresh_at = now
-            key_set = await self._wait(issuer, state, "kid")
-        key = key_set.keys.get(kid)
-        if key is None:
-            raise InvalidToken(
-                f"the issuer's key set has no key {kid!r}; if the issuer rotated keys just now, retry in "
-                f"{int(self.cooldown)} s"
-            )
-        self.on_lookup("memory" if key_set is cached else key_set.source)
-        return key
-
-    async def _usable(self, issuer: str, state: _State) -> KeySet:
-        key_set = state.key_set
-        now = self.clock()
-        if key_set is None or now - key_set.fetched_at >= self.max_age:
-            if state.failed_at is not None and now - state.failed_at < FAILURE_BACKOFF and state.inflight is None:
-                raise self._unavailable(issuer)
-            return await self._wait(issuer, state, "load")
-        backing_off = state.failed_at is not None and now - state.failed_at < FAILURE_BACKOFF
-        if now - key_set.fetched_at >= self.ttl and state.inflight is None and not backing_off:
-            self._start(issuer, state, "ttl")
-        return key_set
-
-    def _start(self, issuer: str, state: _State, reason: str) -> asyncio.Task[KeySet | None]:
-        if state.inflight is None:
-            task = asyncio.create_task(self._fetch(issuer, state, reason), name=f"keys:{issuer}")
-            state.inflight = task
-            task.add_done_callback(lambda _: setattr(state, "inflight", None))
-        return state.inflight
-
-    async def _wait(self, issuer: str, state: _State, reason: str) -> KeySet:
-        # shield: a client that disconnects must not cancel the fetch other requests are waiting on.
-        key_set = await asyncio.shield(self._start(issuer, state, reason))
-        if key_set is None:
-            raise self._unavailable(issuer)
-        return key_set
-
-    @staticmethod
-    def _unavailable(issuer: str) -> IssuerUnavailable:
-        return IssuerUnavailable(
-            f"the keys of issuer {issuer!r} cannot be fetched right now and none are cached; retry shortly"
-        )
-
-    async def _upstream(self, issuer: str) -> KeySet:
-        try:
-            key_set = await self._fetchers[issuer].fetch(self.clock)
-        except FetchError:
-            self.on_fetch(issuer, "error")
-            raise
-        self.on_fetch(issuer, "ok")
-        return key_set
-
-    async def _fetch(self, issuer: str, state: _State, reason: str) -> KeySet | None:
-        """Returns the best key set after a fetch: the new one, the last good one if still usable, or None.
-
-        `reason` is what asked for it: "load" (nothing usable cached), "ttl" (a background refresh) or "kid"
-        (an unknown key id); with shared state, only "kid" refreshes are subject to the shared cooldown.
-        """
-        try:
-            if self.shared is None:
-                key_set = await self._upstream(issuer)
-            else:
-                key_set = await self.shared.refresh(
-                    issuer, self._algorithms[issuer], state.key_set, reason, lambda: self._upstream(issuer)
-                )
-        except FetchError as e:
-            state.failed_at = self.clock()
-            state.last_error = str(e)
-            log.warning("keys of issuer %s could not be fetched: %s", issuer, e)
-            previous = state.key_set
-            if previous is not None and self.clock() - previous.fetched_at < self.max_age:
-                return previous
-            return None
-        state.failed_at = None
-        state.last_error = None
-        if key_set is not state.key_set:
-            for dropped in key_set.dropped:
-                log.warning("keys of issuer %s: dropped %s", issuer, dropped)
-        state.key_set = key_set
-        return key_set
-
-    async def settle(self) -> None:
-        """Wait for fetches under way (for tests and shutdown)."""
-        tasks = [s.inflight for s in self._states.values() if s.inflight is not None]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def aclose(self) -> None:
-        for state in self._states.values():
-            if state.inflight is not None:
-                state.inflight.cancel()
-        await self.settle()
-        for fetcher in [*self._fetchers.values(), *self._retired]:
-            await fetcher.aclose()
