@@ -33,13 +33,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     _config_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="worker processes (default 1; more than 1 needs redis_url and signing_key)",
+    )
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="overrides [gateway] log_level"
     )
 
     check = commands.add_parser("check", help="validate issuers.toml and the publishers file")
     _config_argument(check)
+    check.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="also check that the config can serve this many worker processes (as serve --workers N)",
+    )
 
     keygen = commands.add_parser("keygen", help="write a new private signing JWK")
     keygen.add_argument("--out", type=Path, help="file to write (mode 0600); default: standard output")
@@ -126,9 +137,46 @@ def _load(args: argparse.Namespace) -> config.Settings | None:
         return None
 
 
+def _workers(value: str) -> int:
+    try:
+        workers = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {value!r})") from None
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {workers})")
+    return workers
+
+
+def fleet_problems(settings: config.Settings, workers: int) -> list[str]:
+    """Why `workers` processes could not keep the promises one keeps with this config (one line each)."""
+    if workers < 2:
+        return []
+    assert settings.config_path is not None
+    where = f"{settings.config_path.name}: [gateway]"
+    problems = []
+    if settings.redis_url is None:
+        problems.append(
+            f"{where} redis_url: --workers {workers} needs a shared Redis: without one each worker keeps its own "
+            f"spent token ids, so one ID token could be exchanged {workers} times; set redis_url "
+            "(or $GATEWAY_REDIS_URL), or run one worker"
+        )
+    if settings.signing_key is None:
+        problems.append(
+            f"{where} signing_key: --workers {workers} needs one signing key for all workers: without it each "
+            "signs with an ephemeral key of its own that the others do not publish; set signing_key (make one "
+            "with `gateway keygen`), or run one worker"
+        )
+    return problems
+
+
 def _check(args: argparse.Namespace) -> int:
     settings = _load(args)
     if settings is None:
+        return 1
+    problems = fleet_problems(settings, args.workers)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
         return 1
     print(
         f"ok: {len(settings.issuers)} issuer(s) ({', '.join(settings.issuers)}), "
@@ -145,6 +193,12 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _load(args)
     if settings is None:
         return 1
+    problems = fleet_problems(settings, args.workers)
+    if problems:
+        # Refused before anything starts (one line, for a supervisor's log): workers that cannot share state
+        # would break the one-mint-per-token promise, or each other's tokens, without a word.
+        print("; ".join(problems), file=sys.stderr)
+        return 2
     assert settings.config_path is not None
     # Workers are separate processes that each load the config again; the path travels in the environment.
     os.environ["GATEWAY_CONFIG"] = str(settings.config_path.resolve())

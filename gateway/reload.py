@@ -77,9 +77,7 @@ class Reloader:
             await previous.limits.aclose()
         self._stamps = {**self._stat(settings.files), **{f: v for f, v in before.items() if f in settings.files}}
         self.counter.labels("success").inc()
-        log.info(
-            "config reloaded: %d issuer(s), %d publisher(s)", len(settings.issuers), len(settings.publishers)
-        )
+        log.info("config reloaded: %d issuer(s), %d publisher(s)", len(settings.issuers), len(settings.publishers))
         return True
 
     def _refuse(self, before: dict[Path, tuple[int, int] | None], message: str, problems: Sequence[str]) -> bool:

@@ -234,3 +234,77 @@ def test_serve_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.splitlines() == BAD_LINES
     assert "Uvicorn running" not in result.stdout + result.stderr
+
+
+# --- several workers need shared state ---------------------------------------------------------------------------
+
+
+def fleet_config(directory: Path, **gateway: Any) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_config(
+        directory, {"gitlab-com": {"url": "https://gitlab.com", "kind": "gitlab"}}, [PUBLISHER], **gateway
+    )
+
+
+def signing_key_file(directory: Path) -> str:
+    result = gateway_cli("keygen", "--out", str(directory / "signing.jwk"), cwd=directory)
+    assert result.returncode == 0, result.stderr
+    return str(directory / "signing.jwk")
+
+
+@pytest.mark.parametrize(
+    ("missing", "reason"),
+    [
+        ("redis_url", "[gateway] redis_url: --workers 2 needs a shared Redis"),
+        ("signing_key", "[gateway] signing_key: --workers 2 needs one signing key for all workers"),
+    ],
+)
+def test_serve_with_workers_refuses_a_config_without_shared_state(tmp_path: Path, missing: str, reason: str) -> None:
+    """`gateway serve --workers 2` without redis_url or signing_key exits 2 with one line saying why and what to set."""
+    settings = {"redis_url": "redis://127.0.0.1:1/0", "signing_key": signing_key_file(tmp_path)} | {missing: None}
+    config = fleet_config(tmp_path / "config", **settings)
+    port = free_port()
+    result = gateway_cli("serve", "--config", str(config), "--port", str(port), "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert reason in line
+    assert f"set {missing}" in line
+    assert "Uvicorn running" not in result.stdout + result.stderr
+
+
+def test_serve_with_workers_names_both_missing_settings_on_one_line(tmp_path: Path) -> None:
+    """Without redis_url and signing_key, `gateway serve --workers 3` names both, on one line, and exits 2."""
+    config = fleet_config(tmp_path)
+    result = gateway_cli("serve", "--config", str(config), "--port", str(free_port()), "--workers", "3", cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert "set redis_url" in line and "set signing_key" in line
+
+
+def test_check_with_workers_reports_each_missing_setting(tmp_path: Path) -> None:
+    """`gateway check --workers 2` exits 1 with one line per missing setting; without --workers the config is fine."""
+    config = fleet_config(tmp_path)
+    assert gateway_cli("check", "--config", str(config), cwd=tmp_path).returncode == 0
+    result = gateway_cli("check", "--config", str(config), "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == ["[gateway] redis_url", "[gateway] signing_key"]
+    assert all(line.startswith("issuers.toml: [gateway] ") for line in lines)
+
+
+def test_check_with_workers_accepts_a_config_with_shared_state(tmp_path: Path) -> None:
+    """`gateway check --workers 4` exits 0 for a config with redis_url and signing_key (Redis is not contacted)."""
+    config = fleet_config(
+        tmp_path / "config", redis_url="redis://127.0.0.1:1/0", signing_key=signing_key_file(tmp_path)
+    )
+    result = gateway_cli("check", "--config", str(config), "--workers", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+@pytest.mark.parametrize("workers", ["0", "-1", "two"])
+def test_workers_below_one_is_a_usage_error(tmp_path: Path, command: str, workers: str) -> None:
+    """`--workers` below 1 (or not a number) is a usage error: exit 2, and nothing is served."""
+    result = gateway_cli(command, "--config", str(fleet_config(tmp_path)), "--workers", workers, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--workers" in result.stderr

@@ -284,10 +284,17 @@ def worker_mints(directory: Path) -> dict[str, float]:
 
 
 async def test_metrics_of_two_workers_add_up(
-    tmp_path: Path, issuer: TestIssuer, servers: list[GatewayProcess], signing_key: str
+    tmp_path: Path, issuer: TestIssuer, servers: list[GatewayProcess], signing_key: str, redis_server: RedisServer
 ) -> None:
     """With --workers 2, /metrics from any worker counts every mint made, both workers' included."""
-    config = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, (PUBLISHER,), signing_key=signing_key)
+    # Several workers need what replicas need: one Redis and one signing key (`gateway serve` refuses otherwise).
+    config = write_config(
+        tmp_path,
+        {"gitlab-com": gitlab_issuer(issuer)},
+        (PUBLISHER,),
+        signing_key=signing_key,
+        redis_url=redis_server.url,
+    )
     # `gateway serve` makes its metrics directory with mkdtemp: under this test's own TMPDIR, it can be found.
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -46,7 +46,6 @@ MAX_KEYS = 100
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
-
 class FetchError(Exception):
     """An issuer's discovery or key set could not be had; the message is for operators and logs."""
 
