@@ -127,10 +127,10 @@ def _config_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace) -> config.Settings | None:
+def _load(args: argparse.Namespace, *, uploads: bool = True) -> config.Settings | None:
     path = config.config_path(args.config)
     try:
-        return config.load(path)
+        return config.load(path, uploads=uploads)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
@@ -283,7 +283,8 @@ def _probe(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from .explain import explain
 
-    settings = _load(args)
+    # explain never uploads, so whoever explains needs no upstream password.
+    settings = _load(args, uploads=False)
     if settings is None:
         return 1
     # Surrounding whitespace is the shell's or the file's (a trailing newline), never part of a compact JWS.

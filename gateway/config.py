@@ -112,14 +112,16 @@ def config_path(cli_value: str | None, environ: Mapping[str, str] = os.environ) 
     return Path(cli_value or environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
 
 
-def load(path: Path | str, environ: Mapping[str, str] = os.environ) -> Settings:
+def load(path: Path | str, environ: Mapping[str, str] = os.environ, *, uploads: bool = True) -> Settings:
+    """The settings, or ConfigError. `uploads=False` is for commands that never upload (`explain`): the
+    [upstream] password may then be unset, and such a config has no upstream."""
     # Absolute, so relative paths inside the config mean the same thing whatever the working directory later.
     path = Path(path).absolute()
     problems = _Problems()
     raw = _read_toml(path, problems)
     if raw is None:
         raise ConfigError(problems.lines)
-    settings = _validate(raw, path, environ, problems)
+    settings = _validate(raw, path, environ, problems, uploads=uploads)
     if problems.lines or settings is None:
         raise ConfigError(problems.lines)
     return settings
@@ -221,7 +223,7 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
 
 
 def _validate(
-    raw: Mapping[str, Any], path: Path, environ: Mapping[str, str], problems: _Problems
+    raw: Mapping[str, Any], path: Path, environ: Mapping[str, str], problems: _Problems, *, uploads: bool = True
 ) -> Settings | None:
     base = path.parent
     for key in sorted(set(raw) - {"gateway", "issuers", "upstream"}):
@@ -270,7 +272,7 @@ def _validate(
     t.finish()
 
     issuers = _issuers(raw["issuers"], path, problems)
-    upstream = _upstream(raw["upstream"], path, environ, problems) if "upstream" in raw else None
+    upstream = _upstream(raw["upstream"], path, environ, problems, uploads=uploads) if "upstream" in raw else None
 
     signing_key = None
     if signing_key_file is not None:
@@ -332,7 +334,7 @@ def _validate(
 
 
 def _upstream(
-    raw: Any, path: Path, environ: Mapping[str, str], problems: _Problems
+    raw: Any, path: Path, environ: Mapping[str, str], problems: _Problems, *, uploads: bool = True
 ) -> Upstream | None:
     if not isinstance(raw, dict):
         problems.add(path, "[upstream]", "must be a table")
@@ -349,7 +351,7 @@ def _upstream(
         url = None
     # The password never sits in a config file: the file names the environment variable that holds it.
     password = environ.get(password_env) if password_env else None
-    if password_env is not None and not password:
+    if password_env is not None and not password and uploads:
         t.problem("password_env", f"${password_env} is not set (it must hold the upstream index's password)")
     if url is None or username is None or not password:
         return None

@@ -9,6 +9,7 @@
      +-- RateLimited           429 rate-limited
      +-- IssuerUnavailable     503 issuer-unavailable
      +-- ReplayStoreUnavailable 503 replay-store-unavailable
+     +-- InternalError         500 internal-error (a bug: an unexpected exception, never an input's fault)
 
     ConfigError(problems)   a config that must not be served; one line per problem
 
@@ -67,6 +68,11 @@ class IssuerUnavailable(GatewayError):
 class ReplayStoreUnavailable(GatewayError):
     code = "replay-store-unavailable"
     status = 503
+
+
+class InternalError(GatewayError):
+    code = "internal-error"
+    status = 500
 
 
 class ConfigError(Exception):

@@ -1,9 +1,12 @@
 """The token exchange: verify an ID token, match it to publishers, spend its jti, mint an upload token.
 
-The order is the security argument. The unverified `iss` only picks a verifier; an algorithm the issuer does
-not use is refused before any network I/O; the signature is checked before any claim is believed; the jti is
+The order is the security argument. The unverified `iss` only picks a verifier (a token naming no trusted issuer
+is refused for that, whatever its header says); the header rules and an algorithm the issuer does not use are
+checked before any network I/O; the signature is checked before any claim is believed; the jti is
 spent only once a publisher matched (so a token refused for a fixable reason stays usable) and before minting
-(so two concurrent requests with one token cannot both mint).
+(so two concurrent requests with one token cannot both mint). Everything that can fail on the token's content
+fails before the spend: claim strings holding lone surrogates (which no UTF-8 encoder takes) are refused at
+verification, so minting after the spend cannot trip over a claim value.
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ class Exchange:
     async def verify(self, raw: str, attempt: Attempt | None = None, *, runtime: Runtime | None = None) -> Verified:
         attempt = attempt if attempt is not None else Attempt()
         runtime = runtime or self.runtime
+        if raw.strip() in ("", "null"):
+            raise InvalidPayload(missing_token(runtime.settings.audience))
         token = peek(raw)
         issuer = runtime.settings.by_url.get(token.issuer)
         if issuer is None:
@@ -104,7 +109,7 @@ class Exchange:
         if not issuer.enabled:
             raise InvalidPayload(f"issuer {issuer.name!r} is suspended by this gateway's operator")
         verifier = runtime.verifiers[issuer.name]
-        verifier.check_algorithm(token)
+        verifier.check_header(token)
         key = await runtime.keys.key(issuer.name, token.kid)
         claims = verifier.verify(token, key)
         # Keyed by the issuer's URL (what signed it), not its config name, so renaming an issuer in a reload
@@ -147,6 +152,15 @@ class Exchange:
         return Exchanged(verified=verified, match=match, minted=minted)
 
 
+def missing_token(audience: str) -> str:
+    """What to fix when a job sends no token: its ID token request failed, and the script went on regardless."""
+    return (
+        "the token is empty (or the text 'null'): the job's ID token request failed or its result was not passed "
+        f"on. Check the job's ID token setup (GitLab: `id_tokens:` with `aud: {audience}`; GitHub: "
+        f"`permissions: id-token: write`) and run `python -m id {audience}` in the job to see why it fails"
+    )
+
+
 def check_policy(issuer: Issuer, identity: Identity) -> None:
     """The operator's rules for every token of an issuer, whichever publisher it would match."""
     if issuer.namespaces and not under_namespaces(identity.repository, issuer.namespaces):
@@ -161,6 +175,6 @@ def check_policy(issuer: Issuer, identity: Identity) -> None:
         )
     if issuer.runner_environments is not None and identity.runner_environment not in issuer.runner_environments:
         raise InvalidPublisher(
-            f"the job ran on a {identity.runner_environment or 'unknown'!s} runner; issuer {issuer.name!r} only "
+            f"the job ran on a {identity.runner_environment or 'unknown'!r} runner; issuer {issuer.name!r} only "
             f"publishes from {', '.join(issuer.runner_environments)} runners"
         )

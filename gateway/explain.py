@@ -73,14 +73,33 @@ async def _explain(exchange: Exchange, token: str, lines: list[str]) -> int:
     lines += [f"  {name:<{width}}  {_value(getattr(identity, name))}" for name in FIELDS]
     ignored = sorted(set(claims) - kind.known_claims(verified.issuer))
     lines.append(f"ignored claims (unknown to the {kind.name} kind): {', '.join(ignored) or 'none'}")
-    if identity.owner_id is None:
-        lines.append("owner_id to pin: none (the token carries no owner id)")
-    else:
-        lines.append(
-            f"owner_id to pin: {identity.owner_id} (owner_id = {json.dumps(identity.owner_id)} in a publisher "
-            "refuses this repository path if it ever belongs to another owner)"
-        )
+    lines.append(_owner_id_advice(exchange, verified))
     return _publishers(exchange, verified, lines)
+
+
+def _owner_id_advice(exchange: Exchange, verified: Verified) -> str:
+    """The owner_id line: a pin to propose, or why none is proposed.
+
+    A publisher already pinned to another owner is the case the pin exists for (the repository path may now
+    belong to someone else), so the token's owner id is never proposed over it.
+    """
+    identity = verified.identity
+    if identity.owner_id is None:
+        return "owner_id to pin: none (the token carries no owner id)"
+    pinned = [p for p in exchange.publishers.candidates(identity) if p.owner_id is not None]
+    others = [p for p in pinned if p.owner_id != identity.owner_id]
+    if others:
+        names = ", ".join(f"{_name(exchange, p)} pins {p.owner_id!r}" for p in others)
+        return (
+            f"owner_id to pin: none proposed: {names}, but this token's owner id is {identity.owner_id!r}. The "
+            "repository path may now belong to another owner; find out who owns it before changing any pin"
+        )
+    if pinned:
+        return f"owner_id to pin: already pinned to {identity.owner_id!r}, which this token's owner id equals"
+    return (
+        f"owner_id to pin: {identity.owner_id} (owner_id = {json.dumps(identity.owner_id)} in a publisher "
+        "refuses this repository path if it ever belongs to another owner)"
+    )
 
 
 def _issuer(settings: Settings, token: str) -> Issuer | None:

@@ -1,6 +1,8 @@
 """Strict compact-JWS handling on top of joserfc.
 
-`peek` reads a token without trusting it: only its `iss` may be used, and only to choose a verifier. `verify`
+`peek` reads a token without trusting it: only its `iss` may be used, and only to choose a verifier.
+`check_header` then applies the header rules, once the issuer is known to be trusted: a token that names no
+trusted issuer is refused for that (`invalid-payload`, as Warehouse answers) whatever its header holds. `verify`
 checks the signature with joserfc's algorithm implementations and then the claims with joserfc's claims
 registry, with every setting spelled out. Parsing is ours because the standard `json` module quietly keeps the
 last of duplicate members, which would let a token mean one thing to us and another to a different parser.
@@ -12,6 +14,7 @@ import base64
 import binascii
 import json
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NewType
@@ -35,6 +38,7 @@ _REGISTERED = ("iss", "sub", "aud", "exp", "nbf", "iat", "jti")
 # fullmatch, not match with "$": "$" also matches before a trailing newline, which base64 would then ignore.
 _COMPACT = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]*)")
 _KID = re.compile(r"[\x21-\x7e]{1,256}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # A year: longer-lived tokens could not be remembered for replay protection, and no CI issuer makes them.
 MAX_LIFETIME = 366 * 24 * 3600
 
@@ -60,7 +64,7 @@ class Unverified:
 
 
 def peek(token: str) -> Unverified:
-    """Split and strictly decode a compact JWS, check its header, and return it unverified."""
+    """Split and strictly decode a compact JWS and read its `iss`; the header rules are `check_header`'s."""
     compact = _COMPACT.fullmatch(token)
     if compact is None:
         raise InvalidPayload("token is not a compact JWS (three base64url segments separated by '.')")
@@ -68,7 +72,6 @@ def peek(token: str) -> Unverified:
     header = _decode_object(parts[0], "header")
     claims = _decode_object(parts[1], "payload")
     signature = _b64decode(parts[2], "signature")
-    _check_header(header)
     iss = claims.get("iss")
     if not isinstance(iss, str) or not iss:
         raise InvalidPayload("token has no 'iss' string, so its issuer cannot be identified")
@@ -131,7 +134,9 @@ def _decode_object(segment: str, what: str) -> dict[str, Any]:
     return value
 
 
-def _check_header(header: Mapping[str, Any]) -> None:
+def check_header(token: Unverified) -> None:
+    """The header rules: no member that brings or points at a key, an `alg` string and a usable `kid`."""
+    header = token.header
     banned = sorted(BANNED_HEADERS & header.keys())
     if banned:
         raise InvalidToken(f"token header member(s) {', '.join(banned)} are not accepted")
@@ -172,14 +177,16 @@ class Verifier:
             jti={"essential": True},
         )
 
-    def check_algorithm(self, token: Unverified) -> None:
+    def check_header(self, token: Unverified) -> None:
+        """The header rules, and an algorithm this issuer signs with: both before any key is looked up."""
+        check_header(token)
         if token.alg not in self.algorithms:
             raise InvalidToken(
                 f"algorithm {token.alg!r} is not accepted for this issuer (accepted: {', '.join(self.algorithms)})"
             )
 
     def verify(self, token: Unverified, key: Key) -> VerifiedClaims:
-        self.check_algorithm(token)
+        self.check_header(token)
         try:
             algorithm = self._registry.get_alg(token.alg)
             algorithm.check_key(key)
@@ -207,6 +214,13 @@ class Verifier:
                 raise InvalidToken(f"{name!r} must be a string, not {_json_type(claims[name])}")
         if not claims["jti"]:
             raise InvalidToken("'jti' must be a non-empty string")
+        where = _surrogate(claims)
+        if where is not None:
+            # JSON's \ud800 escapes decode to lone surrogates, which are not text: no UTF-8 encoder (the minted
+            # token's, a log's) takes them. Refused here, before any publisher, jti or mint sees them.
+            raise InvalidToken(
+                f"claim {where!r} holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
+            )
         if claims["exp"] > self._clock() + MAX_LIFETIME:
             raise InvalidToken("'exp' is more than a year away; CI ID tokens live minutes to hours")
         try:
@@ -214,7 +228,7 @@ class Verifier:
             self._claims.validate({name: claims[name] for name in _REGISTERED if name in claims})
         except ExpiredTokenError:
             raise InvalidToken(
-                f"token expired at {claims['exp']} (now {int(self._clock())}, leeway {self.leeway} s); "
+                f"token expired at {_iso(claims['exp'])} (now {_iso(self._clock())}, leeway {self.leeway} s); "
                 "request a fresh ID token in the job that uploads"
             ) from None
         except MissingClaimError as e:
@@ -223,16 +237,46 @@ class Verifier:
             raise InvalidToken(self._claim_problem(e.claim, claims)) from None
 
     def _claim_problem(self, name: str, claims: Mapping[str, Any]) -> str:
-        now = int(self._clock())
+        now = _iso(self._clock())
         if name == "aud":
             return f"'aud' is {claims['aud']!r}; this gateway accepts only {self.audience!r}"
         if name == "iss":
             return f"'iss' does not equal {self.issuer_url!r}"
         if name == "nbf":
-            return f"token is not valid before {claims['nbf']} (now {now}, leeway {self.leeway} s)"
+            return f"token is not valid before {_iso(claims['nbf'])} (now {now}, leeway {self.leeway} s)"
         if name == "iat":
-            return f"token was issued in the future at {claims['iat']} (now {now}, leeway {self.leeway} s)"
+            return f"token was issued in the future at {_iso(claims['iat'])} (now {now}, leeway {self.leeway} s)"
         return f"claim {name!r} is invalid"
+
+
+def _iso(seconds: float) -> str:
+    """A NumericDate as ISO 8601 UTC, to the second, for descriptions a person reads."""
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        # Outside what the platform's gmtime covers (year 10000 and beyond): the number says it as well.
+        return f"{seconds} (seconds since the epoch)"
+
+
+def _surrogate(value: object, where: str = "") -> str | None:
+    """Where in a claims object a lone surrogate sits (a claim name, with a path into lists and objects), or None."""
+    if isinstance(value, str):
+        # isascii is a C loop over the string; nearly every claim value is ASCII and needs no more.
+        return None if value.isascii() or not _SURROGATE.search(value) else where
+    if isinstance(value, dict):
+        for name, member in value.items():
+            path = f"{where}.{name}" if where else name
+            if not name.isascii() and _SURROGATE.search(name):
+                return path
+            found = _surrogate(member, path)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, member in enumerate(value):
+            found = _surrogate(member, f"{where}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _is_time(value: object) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -56,12 +57,31 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(line, separators=(",", ":"), default=str)
 
 
+# Characters that would let a value forge or hide log lines: C0 and C1 controls (newlines, escape sequences),
+# Unicode line and paragraph separators, bidirectional overrides, and lone surrogates (which no encoder takes).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record: whatever a message interpolates (a claim value, a description) has its control
+    characters escaped, as `!r` would, so a token's contents can never start a line of their own in the log."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _UNSAFE.sub(_escape, record.message)
+        return super().formatMessage(record)
+
+
 def configure(level: str, format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if format == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

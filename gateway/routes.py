@@ -15,8 +15,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
-from .errors import GatewayError, InvalidPayload, PayloadTooLarge, RateLimited
-from .exchange import Attempt, Exchange
+from .errors import GatewayError, InternalError, InvalidPayload, PayloadTooLarge, RateLimited
+from .exchange import Attempt, Exchange, missing_token
 from .jose import StrictJSONError, strict_loads
 from .logs import audit
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -100,11 +100,14 @@ def _is_ip(address: str) -> bool:
     return True
 
 
-def token_from(body: bytes) -> str:
+def token_from(body: bytes, audience: str) -> str:
     try:
         payload = strict_loads(body)
     except StrictJSONError as e:
         raise InvalidPayload(f'body must be JSON {{"token": "<ID token>"}} ({e})') from None
+    if isinstance(payload, dict) and set(payload) == {"token"} and payload["token"] is None:
+        # What a script sends when it read a missing token with `jq .token` or from an unset variable.
+        raise InvalidPayload(missing_token(audience))
     if not isinstance(payload, dict) or set(payload) != {"token"} or not isinstance(payload["token"], str):
         raise InvalidPayload('body must be exactly {"token": "<ID token>"}')
     return payload["token"]
@@ -143,19 +146,29 @@ class Endpoints:
         # quarter of what the HTTP layer spends on it.
         started = time.perf_counter()
         settings = self.settings
-        attempt = Attempt(client=client_address(scope, settings.trusted_proxies))
+        attempt = Attempt()
         headers: dict[str, str] = {}
         try:
+            attempt.client = client_address(scope, settings.trusted_proxies)
             if self.exchange.limits is not None:
                 await self.exchange.limits.hit_client(attempt.client or "-")
             body = await read_body(scope, receive, settings.max_body)
             if body is None:
                 return
-            exchanged = await self.exchange.exchange(token_from(body), attempt)
+            exchanged = await self.exchange.exchange(token_from(body, settings.audience), attempt)
         except GatewayError as e:
             outcome = e.code
             log.info("mint refused: %s: %s", e.code, e.description)
             status, answer, headers = e.status, error_body(e), error_headers(e)
+        except Exception:
+            # A bug, never the input's fault: the operator gets the traceback, the client the contract's shape,
+            # and the attempt is audited and counted like any other. No token is handed out.
+            log.exception("mint failed on an unexpected error (a bug); answered 500 internal-error")
+            error = InternalError(
+                "the gateway failed on this request because of an error of its own, not of the token; "
+                "retry later, and tell the gateway's operator if it persists"
+            )
+            outcome, status, answer = error.code, error.status, error_body(error)
         else:
             outcome, status = "success", 200
             answer = {

@@ -41,7 +41,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key
 
 from .errors import GatewayError
-from .jose import Verifier, peek
+from .jose import Verifier, check_header, peek
 from .publishers import normalize_project
 
 __all__ = ["ALGORITHMS", "InvalidUploadToken", "check_project", "verify_upload_token"]
@@ -75,6 +75,7 @@ def verify_upload_token(
     """
     try:
         unverified = peek(token)
+        check_header(unverified)
     except GatewayError as e:
         raise InvalidUploadToken(e.description) from None
     key, algorithm = _key_for(jwks, unverified.kid)

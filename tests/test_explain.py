@@ -197,7 +197,7 @@ async def test_a_policy_refusal_shows_the_policy_reason(
     gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer, runner_environments=["self-hosted"])})
     code, text = await explain_with(gateway, token_for(issuer, clock), clock)
     assert code == 1
-    assert "verification: FAILED invalid-publisher: the job ran on a gitlab-hosted runner" in text
+    assert "verification: FAILED invalid-publisher: the job ran on a 'gitlab-hosted' runner" in text
 
 
 async def test_explain_does_not_spend_the_jti(gateway: Gateway, issuer: TestIssuer, clock: FakeClock) -> None:
@@ -225,12 +225,34 @@ async def test_ignored_claims_are_listed_by_name_only(gateway: Gateway, issuer: 
 async def test_owner_id_is_shown_and_compared_when_pinned(
     make_gateway: MakeGateway, issuer: TestIssuer, clock: FakeClock
 ) -> None:
-    """The owner_id to pin is printed; a publisher pinned to another owner shows an owner_id MISMATCH and exits 1."""
+    """A publisher pinned to another owner shows an owner_id MISMATCH, exits 1, and the token's owner id is not
+    proposed as a pin."""
     gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER | {"owner_id": "999"}])
     code, text = await explain_with(gateway, token_for(issuer, clock), clock)
     assert code == 1
-    assert 'owner_id to pin: 12885807 (owner_id = "12885807" in a publisher ' in text
     assert "    owner_id     MISMATCH expected '999', token has '12885807'" in text
+    advice = next(line for line in text.splitlines() if line.startswith("owner_id to pin:"))
+    assert advice.startswith("owner_id to pin: none proposed: [[publisher]] #1 (workflow '.gitlab-ci.yml') pins '999'")
+    assert 'owner_id = "12885807"' not in text
+
+
+async def test_owner_id_is_proposed_when_no_publisher_pins_one(
+    gateway: Gateway, issuer: TestIssuer, clock: FakeClock
+) -> None:
+    """Without any pinned candidate, the token's owner id is proposed as the pin, in publishers.toml syntax."""
+    code, text = await explain_with(gateway, token_for(issuer, clock), clock)
+    assert code == 0
+    assert 'owner_id to pin: 12885807 (owner_id = "12885807" in a publisher ' in text
+
+
+async def test_an_equal_owner_id_pin_is_reported_as_already_pinned(
+    make_gateway: MakeGateway, issuer: TestIssuer, clock: FakeClock
+) -> None:
+    """A candidate pinned to the token's own owner id is reported as already pinned, not proposed again."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER | {"owner_id": "12885807"}])
+    code, text = await explain_with(gateway, token_for(issuer, clock), clock)
+    assert code == 0
+    assert "owner_id to pin: already pinned to '12885807', which this token's owner id equals" in text
 
 
 async def test_no_candidate_publisher_is_said_plainly(
@@ -357,3 +379,17 @@ def test_command_reports_a_bad_config_and_exits_1(
     captured = capsys.readouterr()
     assert "publishers.toml: [[publisher]] #1 issuer: names no issuer in [issuers] (got 'nowhere')" in captured.err
     assert captured.out == ""
+
+
+def test_command_runs_without_the_upstream_password(
+    issuer: TestIssuer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """explain works on a config whose [upstream] password variable is unset (it never uploads); check refuses it."""
+    path = config_file(tmp_path, issuer, [PUBLISHER])
+    with path.open("a") as file:
+        file.write('\n[upstream]\nurl = "https://index.test"\nusername = "gateway"\npassword_env = "UNSET_PASSWORD"\n')
+    monkeypatch.delenv("UNSET_PASSWORD", raising=False)
+    assert main(["explain", "--config", str(path), issuer.gitlab_token()]) == 0
+    assert "mint-token would grant projects sampleproject" in capsys.readouterr().out
+    assert main(["check", "--config", str(path)]) == 1
+    assert "$UNSET_PASSWORD is not set" in capsys.readouterr().err

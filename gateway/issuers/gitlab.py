@@ -61,8 +61,9 @@ def _host_path(url: str) -> str:
 def _ref_path(claims: Mapping[str, Any]) -> str | None:
     if isinstance(claims.get("ref_path"), str):
         return claims["ref_path"]  # type: ignore[no-any-return]
+    # GitLab before 16.x sends no ref_path; it is the ref under its type's namespace.
     prefix = {"branch": "refs/heads/", "tag": "refs/tags/"}.get(claims["ref_type"])
-    return prefix + claims["ref"] if prefix else None
+    return prefix + claims["ref"] if prefix and claims["ref"] else None
 
 
 def workflow_from(issuer_url: str, claims: Mapping[str, Any]) -> str:
@@ -88,14 +89,27 @@ def workflow_from(issuer_url: str, claims: Mapping[str, Any]) -> str:
             f"ci_config_ref_uri names CI config of project {project!r}, not of {project_path!r}: the CI "
             "configuration must live in the publishing repository"
         )
-    workflow, at, ref = rest.rpartition("@")
-    if not at or not workflow:
+    if "@" not in rest:
         raise InvalidPublisher("ci_config_ref_uri has no '<config path>@<ref>' part")
-    if ref not in (_ref_path(claims), claims.get("sha")):
+    # Both the config path and a branch name may contain "@" (`refs/heads/rel@1`), so the tail is compared with
+    # the pins the job has rather than cut at an "@". An empty ref_path or sha pins nothing: "…@" alone would
+    # otherwise match it.
+    pins = [f"@{value}" for value in (_ref_path(claims), claims.get("sha")) if value]
+    pin = next((pin for pin in pins if rest.endswith(pin)), None)
+    if pin is None:
         raise InvalidPublisher(
-            f"ci_config_ref_uri is pinned to {ref!r}, which is neither the job's ref_path nor its sha"
+            f"ci_config_ref_uri is pinned to {_tail(rest)}, which is neither the job's ref_path nor its sha"
         )
-    return str(workflow)
+    workflow: str = rest[: -len(pin)]
+    if not workflow:
+        raise InvalidPublisher("ci_config_ref_uri has no '<config path>@<ref>' part")
+    return workflow
+
+
+def _tail(rest: str) -> str:
+    """What follows the last "@", for a message only (the split is not the meaning: both sides may hold "@")."""
+    tail = rest.rpartition("@")[2]
+    return repr(tail if len(tail) <= 300 else tail[:300] + "...")
 
 
 def identity(issuer: Issuer, claims: Mapping[str, Any]) -> Identity:
