@@ -94,6 +94,52 @@ async def test_ci_config_pinned_to_sha_is_accepted(gateway: Gateway, issuer: Tes
     assert response.status_code == 200, response.text
 
 
+async def test_a_branch_with_an_at_sign_is_accepted(gateway: Gateway, issuer: TestIssuer) -> None:
+    """A branch named `rel@1` mints: the pin `@refs/heads/rel@1` is matched whole, not cut at its last '@'."""
+    response = await gateway.mint(issuer.gitlab_token(ref="rel@1"))
+    assert response.status_code == 200, response.text
+    claims = jwt.decode(response.json()["token"], KeySet.import_key_set(gateway.exchange.signer.jwks)).claims
+    assert claims["identity"]["ref"] == "rel@1"
+    assert claims["identity"]["workflow"] == ".gitlab-ci.yml"
+
+
+async def test_a_config_path_with_at_signs_pinned_to_an_at_branch(make_gateway: Any, issuer: TestIssuer) -> None:
+    """A config path holding '@' on a branch holding '@' yields exactly the registered path, pinned by ref or sha."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)}, [publisher(workflow="ci/a@b.yml")])
+    by_ref = issuer.gitlab_token(ref="v@2", workflow="ci/a@b.yml")
+    assert (await gateway.mint(by_ref)).status_code == 200
+    by_sha = issuer.gitlab_token(ref="v@2", ci_config_ref_uri=config_uri(issuer, rest=f"ci/a@b.yml@{SHA}"))
+    assert (await gateway.mint(by_sha)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("rest", "overrides"),
+    [
+        pytest.param(".gitlab-ci.yml@", {"ref_path": ""}, id="empty-ref_path-empty-pin"),
+        pytest.param(".gitlab-ci.yml@", {"sha": ""}, id="empty-sha-empty-pin"),
+        pytest.param(".gitlab-ci.yml@", {"ref_path": "", "sha": ""}, id="both-empty"),
+        pytest.param(".gitlab-ci.yml@", {"ref_path": DELETE, "ref": ""}, id="derived-ref_path-of-empty-ref"),
+        pytest.param(".gitlab-ci.yml@refs/heads/", {"ref_path": DELETE, "ref": ""}, id="bare-branch-namespace"),
+        pytest.param("@refs/heads/main", {}, id="empty-config-path"),
+    ],
+)
+async def test_empty_values_never_pin(
+    make_gateway: Any, issuer: TestIssuer, rest: str, overrides: dict[str, Any]
+) -> None:
+    """An empty ref_path or sha (or an empty config path) never satisfies ci_config_ref_uri: invalid-publisher."""
+    gateway = await make_gateway(
+        {"gitlab-com": gitlab_issuer(issuer)}, [publisher(), publisher(workflow=".gitlab-ci.yml@")]
+    )
+    token = issuer.gitlab_token(ci_config_ref_uri=config_uri(issuer, rest=rest), **overrides)
+    assert_refused(await gateway.mint(token), "invalid-publisher", "ci_config_ref_uri")
+
+
+async def test_an_empty_ref_path_leaves_the_sha_pin(gateway: Gateway, issuer: TestIssuer) -> None:
+    """With ref_path empty, a ci_config_ref_uri pinned to the job's (non-empty) sha still mints."""
+    token = issuer.gitlab_token(ref_path="", ci_config_ref_uri=config_uri(issuer, rest=f".gitlab-ci.yml@{SHA}"))
+    assert (await gateway.mint(token)).status_code == 200
+
+
 async def test_ci_config_project_part_is_case_insensitive(gateway: Gateway, issuer: TestIssuer) -> None:
     """The project part of ci_config_ref_uri is compared case-insensitively with project_path."""
     response = await gateway.mint(issuer.gitlab_token(ci_config_ref_uri=config_uri(issuer, "Group/Project")))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -513,3 +515,148 @@ async def test_exp_too_large_for_a_float_is_not_a_server_error(
     if response.status_code == 422:
         assert error_code(response) == TOKEN
         assert "exp" in description(response)
+
+
+# --- what decides first: the issuer, then the header (Warehouse answers invalid-payload for both of these) -------
+
+NO_ISSUER = [
+    case(
+        "no-iss-and-no-kid",
+        lambda i, n: signed(i, {"alg": "RS256", "typ": "JWT"}, claims(i, n, iss=DELETE)),
+        PAYLOAD,
+        "'iss'",
+        no_io=True,
+    ),
+    case(
+        "empty-iss-and-no-kid",
+        lambda i, n: signed(i, {"alg": "RS256", "typ": "JWT"}, claims(i, n, iss="")),
+        PAYLOAD,
+        "'iss'",
+        no_io=True,
+    ),
+    case(
+        "unknown-iss-and-no-kid",
+        lambda i, n: signed(i, {"alg": "RS256", "typ": "JWT"}, claims(i, n, iss="https://gitlab.example")),
+        PAYLOAD,
+        "not trusted",
+        no_io=True,
+    ),
+    case(
+        "unknown-iss-and-no-alg",
+        lambda i, n: signed(i, {"kid": i.signing_kid}, claims(i, n, iss="https://gitlab.example")),
+        PAYLOAD,
+        "not trusted",
+        no_io=True,
+    ),
+    case(
+        "unknown-iss-and-a-jku-header",
+        lambda i, n: signed(i, header(i, jku="https://127.0.0.1:9/keys"), claims(i, n, iss="https://gitlab.example")),
+        PAYLOAD,
+        "not trusted",
+        no_io=True,
+    ),
+    # The issuer is trusted, so the header rules decide.
+    case(
+        "trusted-iss-and-no-kid",
+        lambda i, n: signed(i, {"alg": "RS256", "typ": "JWT"}, claims(i, n)),
+        TOKEN,
+        "kid",
+        no_io=True,
+    ),
+]
+
+
+@pytest.mark.parametrize("bad", NO_ISSUER)
+async def test_the_issuer_is_judged_before_the_header(
+    bad: Bad, gateway: Gateway, issuer: TestIssuer, clock: FakeClock
+) -> None:
+    """A token with no or an untrusted `iss` is invalid-payload whatever its header lacks; a trusted one meets the
+    header rules (invalid-token); neither reaches the issuer."""
+    token = bad.make(issuer, int(clock()))
+    issuer.reset_counts()
+    response = await gateway.mint(token)
+    assert response.status_code == 422, response.text
+    assert error_code(response) == bad.code, description(response)
+    assert bad.fragment in description(response)
+    assert issuer.requests == []
+
+
+# --- lone surrogates: JSON can escape them, but they are not text ---------------------------------------------------
+
+SURROGATES = [
+    pytest.param({"user_login": "alice\ud800"}, "'user_login'", id="high-surrogate-in-a-claim"),
+    pytest.param({"user_login": "\udfff"}, "'user_login'", id="low-surrogate-alone"),
+    pytest.param({"sub": "project_path:\ud83d"}, "'sub'", id="in-a-registered-claim"),
+    pytest.param({"user_identities": [{"provider": "x\udc00"}]}, "'user_identities[0].provider'", id="nested"),
+    pytest.param({"groups_direct": ["ok", "\ud800"]}, "'groups_direct[1]'", id="in-a-list"),
+    pytest.param({"\ud800": "value"}, "'\\ud800'", id="in-a-claim-name"),
+]
+
+
+@pytest.mark.parametrize(("extra", "where"), SURROGATES)
+async def test_a_lone_surrogate_in_any_claim_is_invalid_token(
+    extra: dict[str, Any], where: str, gateway: Gateway, issuer: TestIssuer, clock: FakeClock
+) -> None:
+    """A claim string (or name) holding an unpaired surrogate escape, however deep, is refused invalid-token with
+    the claim's path, and the same token without it mints."""
+    good = claims(issuer, int(clock()))
+    # json.dumps escapes surrogates as \ud800, which is how they arrive in a real token.
+    response = await gateway.mint(signed(issuer, header(issuer), dumps(good | extra)))
+    assert response.status_code == 422, response.text
+    assert error_code(response) == TOKEN
+    assert f"claim {where} holds an unpaired UTF-16 surrogate" in description(response)
+    assert (await gateway.mint(signed(issuer, header(issuer), dumps(good)))).status_code == 200
+
+
+async def test_a_surrogate_pair_is_text_and_mints(gateway: Gateway, issuer: TestIssuer, clock: FakeClock) -> None:
+    """A properly paired surrogate escape (an emoji written as \\ud83d\\ude00) is ordinary text and mints."""
+    payload = dumps(claims(issuer, int(clock()), user_login="smile-\U0001f600"))
+    assert b"\\ud83d\\ude00" in payload
+    response = await gateway.mint(signed(issuer, header(issuer), payload))
+    assert response.status_code == 200, response.text
+
+
+# --- times in descriptions ---------------------------------------------------------------------------------------
+
+ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+
+@pytest.mark.parametrize(
+    ("make", "pattern"),
+    [
+        pytest.param(
+            lambda i, n: i.sign(claims(i, n - 600, exp=n - LEEWAY - 1)),
+            rf"token expired at {ISO} \(now {ISO}, leeway 30 s\)",
+            id="exp",
+        ),
+        pytest.param(
+            lambda i, n: i.sign(claims(i, n, nbf=n + LEEWAY + 1)),
+            rf"token is not valid before {ISO} \(now {ISO}, leeway 30 s\)",
+            id="nbf",
+        ),
+        pytest.param(
+            lambda i, n: i.sign(claims(i, n, iat=n + LEEWAY + 1)),
+            rf"token was issued in the future at {ISO} \(now {ISO}, leeway 30 s\)",
+            id="iat",
+        ),
+    ],
+)
+async def test_times_in_descriptions_are_iso_8601_utc(
+    make: Make, pattern: str, gateway: Gateway, issuer: TestIssuer, clock: FakeClock
+) -> None:
+    """exp, nbf and iat refusals give the token's time and the gateway's as ISO 8601 UTC, not epoch seconds."""
+    response = await gateway.mint(make(issuer, int(clock())))
+    assert error_code(response) == TOKEN
+    assert re.search(pattern, description(response)), description(response)
+
+
+async def test_an_expiry_names_the_exact_instants(gateway: Gateway, issuer: TestIssuer, clock: FakeClock) -> None:
+    """The expired description's two instants are the token's exp and the gateway clock's now, to the second."""
+    now = int(clock())
+    exp = now - LEEWAY - 61
+    response = await gateway.mint(issuer.sign(claims(issuer, now - 600, exp=exp)))
+    expected = (
+        f"token expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(exp))} "
+        f"(now {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(clock()))}, leeway 30 s)"
+    )
+    assert description(response).startswith(expected)
