@@ -6,7 +6,10 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,8 +18,11 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import config, logs
+from gateway.app import create_app
+from gateway.store import MemoryStore
 from gateway.testing import FakeClock, TestIssuer
-from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer
+from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer, write_config
 
 MINT = "/_/oidc/mint-token"
 GATEWAY_URL = "https://gateway.test"  # write_config's default [gateway] url
@@ -334,3 +340,131 @@ async def test_failures_never_contain_the_token(gateway: Gateway, issuer: TestIs
         assert response.status_code == 422
         assert error_code(response) == code
         assert_not_echoed(response, token)
+
+
+# --- claim values that no encoder takes, and bugs -----------------------------------------------------------------
+
+
+def audit_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [json.loads(record.getMessage()) for record in caplog.records if record.name == "gateway.audit"]
+
+
+def signed_escaped(issuer: TestIssuer, claims: dict[str, Any]) -> str:
+    """Signed with the claims as ASCII JSON, so a lone surrogate travels as the escape `\\ud800`, as in the wild."""
+    head = {"alg": "RS256", "kid": issuer.signing_kid, "typ": "JWT"}
+    return issuer.sign_raw(json.dumps(head).encode(), json.dumps(claims).encode())
+
+
+async def test_a_lone_surrogate_claim_is_refused_before_the_jti_is_spent(
+    gateway: Gateway, issuer: TestIssuer, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim holding `\\ud800` is 422 invalid-token with an audit line and its jti unspent: the same claims
+    without it mint afterwards."""
+    caplog.set_level(logging.INFO)
+    good = issuer.gitlab_claims(now=int(clock()))
+    response = await gateway.mint(signed_escaped(issuer, good | {"user_login": "alice\ud800"}))
+    assert response.status_code == 422, response.text
+    assert error_code(response) == "invalid-token"
+    assert "'user_login'" in description(response)
+    assert [(line["outcome"], line["issuer"]) for line in audit_lines(caplog)] == [("invalid-token", "gitlab-com")]
+    assert (await gateway.mint(signed_escaped(issuer, good))).status_code == 200
+
+
+class BrokenStore(MemoryStore):
+    """A replay store with a bug: spending raises what no store may raise. Injected through create_app because a
+    bug cannot be produced from outside; everything else in the app is real."""
+
+    async def spend(self, key: str, ttl: float) -> bool:
+        raise RuntimeError("a bug in the store")
+
+
+async def test_an_unexpected_exception_is_a_500_internal_error(
+    tmp_path: Path, issuer: TestIssuer, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug while minting answers 500 in the contract's error shape with code internal-error and no traceback,
+    writes an audit line and the operator's traceback, counts the outcome, and hands out no token."""
+    caplog.set_level(logging.INFO)
+    settings = config.load(write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER]))
+    app = create_app(settings, clock=clock, store=BrokenStore(clock))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=GATEWAY_URL) as client:
+        response = await client.post(MINT, json={"token": issuer.gitlab_token()})
+        counts = mint_counts((await client.get("/metrics")).text)
+    await app.state.exchange.keys.aclose()
+    await app.state.upload.aclose()
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body == {"message": "Token request failed", "errors": [body["errors"][0]]}
+    assert body["errors"][0]["code"] == "internal-error"
+    assert "not of the token" in body["errors"][0]["description"]
+    assert "Traceback" not in response.text and "a bug in the store" not in response.text
+    assert "token" not in body
+    assert counts == {"internal-error": 1.0}
+    assert [line["outcome"] for line in audit_lines(caplog)] == ["internal-error"]
+    logged = [r for r in caplog.records if r.name == "gateway.routes" and r.levelno == logging.ERROR]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert "a bug in the store" in str(logged[0].exc_info[1])
+
+
+NO_TOKEN = [
+    pytest.param(b'{"token": ""}', id="empty-string"),
+    pytest.param(b'{"token": "null"}', id="text-null"),
+    pytest.param(b'{"token": "null\\n"}', id="text-null-and-newline"),
+    pytest.param(b'{"token": " "}', id="blank"),
+    pytest.param(b'{"token": null}', id="json-null"),
+]
+
+
+@pytest.mark.parametrize("body", NO_TOKEN)
+async def test_a_missing_token_says_the_id_token_request_failed(
+    body: bytes, make_gateway: Any, issuer: TestIssuer
+) -> None:
+    """An empty token, the text `null` or a JSON null is invalid-payload, saying the job's ID token request failed
+    and how to check it (`id_tokens`, `python -m id AUDIENCE`) with this gateway's audience."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)}, audience="upload.example")
+    response = await gateway.client.post(MINT, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert error_code(response) == "invalid-payload"
+    text = description(response)
+    assert "the job's ID token request failed" in text
+    assert "`id_tokens:` with `aud: upload.example`" in text
+    assert "`python -m id upload.example`" in text
+
+
+async def test_control_characters_in_claims_never_reach_the_text_log_raw(
+    make_gateway: Any, issuer: TestIssuer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the text log format, a claim value holding a newline, an ANSI escape or a line separator is logged
+    escaped, so it cannot forge a log line."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer, runner_environments=["self-hosted"])})
+    try:
+        logs.configure("info", "text")
+        forged = "gitlab-hosted\n2026-01-01 00:00:00 INFO gateway.audit: forged\x1b[2K\u2028"
+        response = await gateway.mint(issuer.gitlab_token(runner_environment=forged))
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    assert error_code(response) == "invalid-publisher"
+    err = capsys.readouterr().err
+    refused = [line for line in err.splitlines() if "mint refused" in line]
+    assert len(refused) == 1
+    assert "forged" in refused[0]
+    assert not any(line.startswith("2026-01-01 00:00:00 INFO gateway.audit: forged") for line in err.splitlines())
+    assert "\x1b" not in err and "\u2028" not in err
+
+
+def test_the_text_log_escapes_control_characters_in_any_message() -> None:
+    """The text formatter writes a message's control characters, line separators, bidi overrides and lone
+    surrogates as escapes, whatever interpolated them; a traceback keeps its lines."""
+    formatter = logs.TextFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord(
+        "gateway.test", logging.INFO, __file__, 1, "got %s", ("a\nb\r\x1b[31m\u2028\u202e\ud800",), None
+    )
+    assert formatter.format(record) == "INFO got a\\x0ab\\x0d\\x1b[31m\\u2028\\u202e\\ud800"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("gateway.test", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert formatter.format(failed).startswith("ERROR failed\nTraceback")
