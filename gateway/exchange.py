@@ -6,7 +6,7 @@ checked before any network I/O; the signature is checked before any claim is bel
 spent only once a publisher matched (so a token refused for a fixable reason stays usable) and before minting
 (so two concurrent requests with one token cannot both mint). Everything that can fail on the token's content
 fails before the spend: claim strings holding lone surrogates (which no UTF-8 encoder takes) are refused at
-verification, so minting after the spend cannot trip over a claim value.
+verification, and the minted token's claims are built and encoded before the spend, leaving only the signature.
 """
 
 from __future__ import annotations
@@ -138,10 +138,10 @@ class Exchange:
         # Remember the jti for as long as any clock within the *largest* leeway a config may set could still accept
         # the token, not the leeway in force: a reload raising it must not make a spent token new again.
         ttl = max(1.0, verified.claims["exp"] + MAX_LEEWAY - now + 1)
-        if not await self.store.spend(jti_key(verified.issuer.url, verified.claims["jti"]), ttl):
-            raise ReusedToken("this ID token was already exchanged; each ID token can be used once")
         settings = runtime.settings
-        minted = runtime.signer.mint(
+        # Built and encoded before the spend, so nothing about the token's content can fail once its jti is gone;
+        # only the signature is left for after.
+        unsigned = runtime.signer.prepare(
             identity=verified.identity,
             projects=match.projects,
             issuer=settings.url,
@@ -149,7 +149,9 @@ class Exchange:
             ttl=settings.token_ttl,
             now=now,
         )
-        return Exchanged(verified=verified, match=match, minted=minted)
+        if not await self.store.spend(jti_key(verified.issuer.url, verified.claims["jti"]), ttl):
+            raise ReusedToken("this ID token was already exchanged; each ID token can be used once")
+        return Exchanged(verified=verified, match=match, minted=runtime.signer.sign(unsigned))
 
 
 def missing_token(audience: str) -> str:

@@ -43,6 +43,16 @@ class Minted:
     jti: str
 
 
+@dataclass(frozen=True, slots=True)
+class Unsigned:
+    """A token's encoded header and claims (the signing input), ready to sign: everything of minting that could
+    fail on a claim value is done by the time one exists."""
+
+    signing_input: bytes
+    expires: int
+    jti: str
+
+
 class Signer:
     def __init__(self, key: Key, previous: Sequence[Key] = ()) -> None:
         self.key = key
@@ -67,6 +77,21 @@ class Signer:
         ttl: int,
         now: float,
     ) -> Minted:
+        return self.sign(
+            self.prepare(identity=identity, projects=projects, issuer=issuer, audience=audience, ttl=ttl, now=now)
+        )
+
+    def prepare(
+        self,
+        *,
+        identity: Identity,
+        projects: Sequence[str],
+        issuer: str,
+        audience: str,
+        ttl: int,
+        now: float,
+    ) -> Unsigned:
+        """Build and encode the claims; `sign` then only signs. The exchange prepares before it spends a jti."""
         issued = int(now)
         expires = issued + ttl
         jti = secrets.token_urlsafe(16)
@@ -82,10 +107,12 @@ class Signer:
             "identity": identity.as_dict(),
         }
         payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        signing_input = self._header + b"." + _b64(payload)
-        signature = self._sign(signing_input)
-        token = (signing_input + b"." + _b64(signature)).decode("ascii")
-        return Minted(token=token, expires=expires, jti=jti)
+        return Unsigned(signing_input=self._header + b"." + _b64(payload), expires=expires, jti=jti)
+
+    def sign(self, unsigned: Unsigned) -> Minted:
+        signature = self._sign(unsigned.signing_input)
+        token = (unsigned.signing_input + b"." + _b64(signature)).decode("ascii")
+        return Minted(token=token, expires=unsigned.expires, jti=unsigned.jti)
 
 
 def _signer(key: Key) -> Callable[[bytes], bytes]:
