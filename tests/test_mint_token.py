@@ -370,6 +370,20 @@ async def test_a_lone_surrogate_claim_is_refused_before_the_jti_is_spent(
     assert (await gateway.mint(signed_escaped(issuer, good))).status_code == 200
 
 
+async def test_a_lone_surrogate_in_an_untrusted_iss_is_shown_escaped(
+    gateway: Gateway, issuer: TestIssuer, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An `iss` holding `\ud800` is refused invalid-payload as untrusted; the description shows it as an escape,
+    and the attempt is audited."""
+    caplog.set_level(logging.INFO)
+    claims = issuer.gitlab_claims(now=int(clock())) | {"iss": "https://gitlab.example\ud800"}
+    response = await gateway.mint(signed_escaped(issuer, claims))
+    assert response.status_code == 422, response.text
+    assert error_code(response) == "invalid-payload"
+    assert "'https://gitlab.example\\ud800' is not trusted" in description(response)
+    assert [line["outcome"] for line in audit_lines(caplog)] == ["invalid-payload"]
+
+
 class BrokenStore(MemoryStore):
     """A replay store with a bug: spending raises what no store may raise. Injected through create_app because a
     bug cannot be produced from outside; everything else in the app is real."""
