@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 import rtoml
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, Key, OKPKey, import_key
-from limits import parse_many
 
 from .errors import ConfigError
 from .issuers import KINDS
@@ -379,12 +378,44 @@ def _networks(t: Table, key: str) -> tuple[IPv4Network | IPv6Network, ...]:
     return tuple(networks)
 
 
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most `amount` requests per `seconds`, as written in the config (e.g. "60/minute")."""
+
+    amount: int
+    seconds: int
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "month": 30 * 86400, "year": 365 * 86400}
+_RATE = re.compile(
+    r"\s*([0-9]{1,9})\s*(?:/|\s+per\s+)\s*([0-9]{1,9})?\s*(second|minute|hour|day|month|year)s?\s*", re.IGNORECASE
+)
+
+
+def parse_rates(text: str) -> tuple[Rate, ...]:
+    """'10/second;100/hour' (also '100 per 5 minutes'; ',' or ';' between rates) as Rates; ValueError if not."""
+    rates = []
+    for part in re.split(r"[;,]", text):
+        found = _RATE.fullmatch(part)
+        if found is None:
+            raise ValueError(f"{part.strip()!r} is not a rate")
+        amount, count, unit = int(found[1]), int(found[2] or 1), found[3].lower()
+        if amount < 1 or count < 1:
+            raise ValueError(f"{part.strip()!r} must allow at least 1 request per at least 1 {unit}")
+        rates.append(Rate(amount, count * _UNITS[unit], part.strip()))
+    return tuple(rates)
+
+
 def _rate(t: Table, key: str) -> str | None:
     value = t.string(key)
     if value is None:
         return None
     try:
-        parse_many(value)
+        parse_rates(value)
     except ValueError:
         t.problem(key, f"{value!r} is not a rate like '60/minute' or '10/second;100/hour'")
         return None
