@@ -6,6 +6,7 @@ config in one pass. A config with any problem is refused whole.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -207,7 +208,13 @@ class Table:
 
     def finish(self) -> None:
         for key in sorted(set(self.data) - self.seen):
-            self.problem(key, "unknown key")
+            self.problem(key, "unknown key" + did_you_mean(key, self.seen))
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the known name nearest to a misspelt `name`, or '' when none is near."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -223,8 +230,9 @@ def _validate(
     raw: Mapping[str, Any], path: Path, environ: Mapping[str, str], problems: _Problems
 ) -> Settings | None:
     base = path.parent
-    for key in sorted(set(raw) - {"gateway", "issuers", "upstream"}):
-        problems.add(path, f"[{key}]", "unknown table")
+    tables = {"gateway", "issuers", "upstream"}
+    for key in sorted(set(raw) - tables):
+        problems.add(path, f"[{key}]", "unknown table" + did_you_mean(key, tables))
     if not isinstance(raw.get("gateway"), dict):
         problems.add(path, "[gateway]", "table is missing")
         return None
@@ -526,6 +534,9 @@ def _signing_key(file: Path, path: Path, where: str, problems: _Problems, *, pri
     try:
         data = json.loads(file.read_text("utf-8"))
         key = import_key(data)
+    except FileNotFoundError:
+        fail("not found" + (f"; make one with `gateway keygen --out {file}`" if private else ""))
+        return None
     except OSError as e:
         fail(f"cannot be read: {e.strerror}")
         return None
@@ -581,7 +592,7 @@ def _publisher(
 
     issuer = issuers.get(issuer_name) if issuer_name else None
     if issuer_name is not None and issuer is None:
-        t.problem("issuer", f"names no issuer in [issuers] (got {issuer_name!r})")
+        t.problem("issuer", f"names no issuer in [issuers] (got {issuer_name!r}){did_you_mean(issuer_name, issuers)}")
     if repository is not None:
         problem = _repository_problem(repository)
         if problem:
