@@ -89,6 +89,8 @@ class RateLimits:
     # After Redis failed, count in-process for this long before asking it again: a hung Redis must not cost
     # every request a timeout, nor fill the log with one warning per request.
     BACKOFF = 5.0
+    # While Redis stays down, one warning per this many seconds says so (each failed retry is still counted).
+    WARN_EVERY = 30.0
 
     def __init__(
         self,
@@ -111,6 +113,7 @@ class RateLimits:
         # Called on every failed Redis call (for metrics); the app sets it.
         self.on_error: Callable[[], None] = lambda: None
         self._failed_at = float("-inf")
+        self._warned_at = float("-inf")
         # (subject, window) -> [window number, its count, the previous window's count]. Bounded: past the bound the
         # least recently expiring subjects are forgotten, which only ever lets more requests through.
         self._local: TLRUCache[tuple[str, int], list[int]] = TLRUCache(
@@ -137,9 +140,13 @@ class RateLimits:
             except (RedisError, OSError, TimeoutError) as e:
                 self.on_error()
                 self._failed_at = time.monotonic()
-                log.warning(
-                    "rate limit store unreachable; counting in-process for %g s: %s", self.BACKOFF, e or type(e)
-                )
+                if self._failed_at - self._warned_at >= self.WARN_EVERY:
+                    self._warned_at = self._failed_at
+                    log.warning(
+                        "rate limits: Redis unreachable (%s); counting in-process, asking again every %g s",
+                        str(e) or type(e).__name__,
+                        self.BACKOFF,
+                    )
                 refused = self._hit_local(rates, subject, now)
         else:
             refused = self._hit_local(rates, subject, now)

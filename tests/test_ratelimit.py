@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 
 from gateway.config import Rate, parse_rates
 from gateway.errors import RateLimited
 from gateway.ratelimit import RateLimits
-from gateway.testing import FakeClock
+from gateway.testing import FakeClock, free_port
 from tests.redis_server import REDIS_SERVER, RedisServer
 
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -163,3 +164,59 @@ async def test_unreachable_redis_counts_in_process(redis_server: RedisServer, cl
         assert len(errors) == 1  # then the limiter stays in-process for its backoff instead of asking again
     finally:
         await redis.aclose()
+
+
+@needs_redis
+async def test_unreachable_redis_warns_once_per_interval(
+    redis_server: RedisServer, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every failed Redis call is counted, but while Redis stays down one WARNING (with the cause) says so."""
+    redis = Redis.from_url(redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    errors: list[None] = []
+    try:
+        limits = RateLimits(client="100/minute", repository=None, redis=redis, clock=clock)
+        limits.BACKOFF = 0  # ask Redis on every request, so each one fails
+        limits.on_error = lambda: errors.append(None)
+        redis_server.stop()
+        for _ in range(3):
+            await limits.hit_client("192.0.2.1")
+    finally:
+        await redis.aclose()
+    assert len(errors) == 3
+    warnings = [r for r in caplog.records if r.name == "gateway.ratelimit" and r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "Redis unreachable" in warnings[0].getMessage() and "connect" in warnings[0].getMessage().lower()
+
+
+class ClusterNode(RedisServer):
+    """A one-node Redis Cluster: cluster mode on, every slot its own."""
+
+    def _options(self) -> dict[str, str]:
+        # The bus port, given explicitly: the default (port + 10000) does not exist for a free port above 55535.
+        cluster = {"cluster-enabled": "yes", "cluster-port": str(free_port())}
+        return super()._options() | cluster | {"cluster-config-file": str(self.directory / "nodes.conf")}
+
+
+@needs_redis
+async def test_counts_on_redis_cluster(clock: FakeClock) -> None:
+    """On Redis Cluster (redis-py's cluster client, which refuses a script whose keys span slots) the limits hold."""
+    clock.now = START
+    with ClusterNode() as node, node.client() as admin:
+        admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        for _ in range(500):  # the node takes its slots within milliseconds; bounded all the same
+            if admin.execute_command("CLUSTER", "INFO").decode().startswith("cluster_state:ok"):
+                break
+            await asyncio.sleep(0.01)
+        cluster = RedisCluster(host="127.0.0.1", port=node.port)
+        try:
+            limits = RateLimits(client="2/second;3/minute", repository="1/hour", redis=cluster, clock=clock)
+            assert await refused(limits) is None
+            assert await refused(limits) is None
+            assert await refused(limits) == 2
+            await limits.hit_repository("https://gitlab.example", "group/project")
+            with pytest.raises(RateLimited):
+                await limits.hit_repository("https://gitlab.example", "group/project")
+            # Written are the current windows' counters: two for the client's rates, one for the repository's.
+            assert len(await cluster.keys("*", target_nodes=RedisCluster.ALL_NODES)) == 3
+        finally:
+            await cluster.aclose()
