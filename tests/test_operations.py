@@ -689,6 +689,26 @@ async def test_rate_limit_redis_failures_are_counted(
     assert samples(await metrics(gateway), "gateway_redis_errors_total")[()] >= 1
 
 
+@needs_redis
+async def test_reload_applies_rate_limits_in_the_stores_redis(
+    shared_gateway: MakeGateway, issuer: TestIssuer, at: At, redis_server: RedisServer
+) -> None:
+    """A reload that sets rate_limit_client applies it at once, counted in the store's Redis for both replicas."""
+    replicas = [await shared_gateway({"gitlab-com": gitlab_issuer(issuer)}) for _ in range(2)]
+    for replica in replicas:
+        assert replica.exchange.limits is None
+        path = replica.exchange.settings.config_path
+        assert path is not None
+        write_config(
+            path.parent, {"gitlab-com": gitlab_issuer(issuer)}, (PUBLISHER,),
+            redis_url=redis_server.url, rate_limit_client="2/minute",
+        )  # fmt: skip
+        assert await replica.app.state.reloader.reload() is True
+    a, b = (at(replica, "10.0.0.5") for replica in replicas)
+    statuses = [(await mint(client, issuer.gitlab_token())).status_code for client in (a, b, a)]
+    assert statuses == [200, 200, 429]
+
+
 def redis_connections(server: RedisServer) -> int:
     """Connections to `server` other than the one asking."""
     with server.client() as inspect:
