@@ -230,8 +230,8 @@ def test_trust_id_follows_url_ca_content_and_algorithms_not_the_name(issuer: Tes
 # --- A Redis ACL user per deployment, limited to its prefix ----------------------------------------------------------
 
 # What the gateway needs (README, "Running a fleet"): keys, spends and locks (get, set, del, eval), rate limits
-# (the `limits` library's scripts: evalsha, script load, exists, incrby, pttl, rename), and ping for /readyz.
-ACL_COMMANDS = "+ping +get +set +del +exists +incrby +pttl +rename +eval +evalsha +script|load"
+# (evalsha, or eval the first time, of a script calling get and set), and ping for /readyz.
+ACL_COMMANDS = "+ping +get +set +del +eval +evalsha"
 
 
 def acl_user(server: RedisServer, user: str, prefix: str) -> str:
