@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -29,10 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve the gateway with uvicorn")
+    serve = commands.add_parser(
+        "serve",
+        help="serve the gateway with uvicorn",
+        description="Load and validate the config, then serve the gateway's HTTP API with uvicorn (uvloop, "
+        "httptools). The config is reloaded on SIGHUP and when a watched file changes; SIGTERM drains and stops. "
+        "Exit status: 0 after a clean stop, 1 for a bad config, 2 for a usage error or for --workers N > 1 with a "
+        "config whose workers could not share state (no redis_url or no signing_key).",
+    )
     _config_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default 8000)")
     serve.add_argument(
         "--workers",
         type=_workers,
@@ -43,7 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--log-level", choices=["debug", "info", "warning", "error"], help="overrides [gateway] log_level"
     )
 
-    check = commands.add_parser("check", help="validate issuers.toml and the publishers file")
+    check = commands.add_parser(
+        "check",
+        help="validate issuers.toml and the publishers file",
+        description="Load and validate issuers.toml and the publishers file as serve would, without serving; with "
+        "--workers N, also whether N worker processes could share state. "
+        "Exit status: 0 when valid, 1 with one line per problem (file: [table] field: message).",
+    )
     _config_argument(check)
     check.add_argument(
         "--workers",
@@ -52,7 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also check that the config can serve this many worker processes (as serve --workers N)",
     )
 
-    keygen = commands.add_parser("keygen", help="write a new private signing JWK")
+    keygen = commands.add_parser(
+        "keygen",
+        help="write a new private signing JWK",
+        description="Generate a new private signing key for the gateway, as a JWK (JSON) with its thumbprint as "
+        "kid, for [gateway] signing_key. Written to --out with mode 0600 (never over an existing file), or to "
+        "standard output. Exit status: 0, or 1 when the file cannot be written.",
+    )
     keygen.add_argument("--out", type=Path, help="file to write (mode 0600); default: standard output")
     keygen.add_argument("--alg", choices=ALGORITHMS, default="ES256", help="default ES256")
 
@@ -103,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser(
         "demo",
         help="run the whole flow locally, no network: a test issuer, a gateway, a token exchanged and verified",
+        description="Run the whole flow on loopback with no network: start an HTTPS test issuer with a throwaway "
+        "CA and a gateway trusting it, exchange an ID token, show the replay refused, and verify the minted token "
+        "as an index would. Needs the testing extra: pip install 'gateway[testing]' (or '.[testing]').",
     )
 
     args = parser.parse_args(argv)
@@ -115,10 +139,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "explain":
         return _explain(args)
     if args.command == "demo":
-        from . import demo
-
+        try:
+            from . import demo
+        except ImportError as e:
+            # The test issuer's dependencies (trustme) are the testing extra, not part of a server install.
+            print(f"gateway demo needs the testing extra ({e}): pip install 'gateway[testing]'", file=sys.stderr)
+            return 1
         return demo.main()
     return _keygen(args)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535 (got {port})")
+    return port
 
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:
@@ -203,6 +241,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Workers are separate processes that each load the config again; the path travels in the environment.
     os.environ["GATEWAY_CONFIG"] = str(settings.config_path.resolve())
     logs.configure(settings.log_level, settings.log_format)
+    logging.getLogger("gateway.serve").info("%s", startup_line(settings, args.workers))
     metrics_dir = None
     if args.workers > 1 and not os.environ.get(MULTIPROCESS):
         # Workers keep their counters in files here, so /metrics adds up all of them (metrics.py).
@@ -234,6 +273,34 @@ def _serve(args: argparse.Namespace) -> int:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def startup_line(settings: config.Settings, workers: int) -> str:
+    """What this gateway serves with, in one log line: enough to spot a wrong config at a glance, no secret."""
+    issuers = ", ".join(f"{name} ({issuer.url})" for name, issuer in settings.issuers.items())
+    store = redacted(settings.redis_url) if settings.redis_url else "in-process (no redis_url)"
+    upstream = "none"
+    if settings.upstream is not None:
+        upstream = f"{redacted(settings.upstream.url)} as {settings.upstream.username!r}"
+    key = "ephemeral (no signing_key)"
+    if settings.signing_key is not None:
+        key = f"kid {settings.signing_key.thumbprint()}"
+    return (
+        f"gateway {__version__} starting: issuers {issuers}; {len(settings.publishers)} publisher(s); "
+        f"store {store}; upstream {upstream}; signing key {key}; {workers} worker(s)"
+    )
+
+
+def redacted(url: str) -> str:
+    """`url` with any password (user info, or a password= query parameter) replaced by ***."""
+    url = re.sub(r"(?<=://)([^/?#]*)@", lambda m: _user(m[1]) + "@", url)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
+def _user(userinfo: str) -> str:
+    # redis-py reads `user:password@` and `:password@`; a lone `secret@` may be a password to another parser.
+    user, colon, _ = userinfo.partition(":")
+    return f"{user}:***" if colon else "***"
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -59,6 +59,7 @@ def create_app(
         signing_key=signing_key,
         ephemeral_key=ephemeral,
         on_redis_error=store.on_error,
+        store=store,
     )
     exchange = Exchange(build(settings, services), store=store, clock=clock)
     endpoints = Endpoints(exchange, metrics)
@@ -78,8 +79,6 @@ def create_app(
             await reloader.stop()
             await exchange.keys.aclose()
             await exchange.store.aclose()
-            if exchange.limits is not None:
-                await exchange.limits.aclose()
             await upload.aclose()
 
     app = Starlette(

@@ -6,6 +6,7 @@ config in one pass. A config with any problem is refused whole.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -19,7 +20,6 @@ from urllib.parse import urlsplit
 import rtoml
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, Key, OKPKey, import_key
-from limits import parse_many
 
 from .errors import ConfigError
 from .issuers import KINDS
@@ -210,7 +210,13 @@ class Table:
 
     def finish(self) -> None:
         for key in sorted(set(self.data) - self.seen):
-            self.problem(key, "unknown key")
+            self.problem(key, "unknown key" + did_you_mean(key, self.seen))
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the known name nearest to a misspelt `name`, or '' when none is near."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -226,8 +232,9 @@ def _validate(
     raw: Mapping[str, Any], path: Path, environ: Mapping[str, str], problems: _Problems, *, uploads: bool = True
 ) -> Settings | None:
     base = path.parent
-    for key in sorted(set(raw) - {"gateway", "issuers", "upstream"}):
-        problems.add(path, f"[{key}]", "unknown table")
+    tables = {"gateway", "issuers", "upstream"}
+    for key in sorted(set(raw) - tables):
+        problems.add(path, f"[{key}]", "unknown table" + did_you_mean(key, tables))
     if not isinstance(raw.get("gateway"), dict):
         problems.add(path, "[gateway]", "table is missing")
         return None
@@ -381,12 +388,44 @@ def _networks(t: Table, key: str) -> tuple[IPv4Network | IPv6Network, ...]:
     return tuple(networks)
 
 
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most `amount` requests per `seconds`, as written in the config (e.g. "60/minute")."""
+
+    amount: int
+    seconds: int
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "month": 30 * 86400, "year": 365 * 86400}
+_RATE = re.compile(
+    r"\s*([0-9]{1,9})\s*(?:/|\s+per\s+)\s*([0-9]{1,9})?\s*(second|minute|hour|day|month|year)s?\s*", re.IGNORECASE
+)
+
+
+def parse_rates(text: str) -> tuple[Rate, ...]:
+    """'10/second;100/hour' (also '100 per 5 minutes'; ',' or ';' between rates) as Rates; ValueError if not."""
+    rates = []
+    for part in re.split(r"[;,]", text):
+        found = _RATE.fullmatch(part)
+        if found is None:
+            raise ValueError(f"{part.strip()!r} is not a rate")
+        amount, count, unit = int(found[1]), int(found[2] or 1), found[3].lower()
+        if amount < 1 or count < 1:
+            raise ValueError(f"{part.strip()!r} must allow at least 1 request per at least 1 {unit}")
+        rates.append(Rate(amount, count * _UNITS[unit], part.strip()))
+    return tuple(rates)
+
+
 def _rate(t: Table, key: str) -> str | None:
     value = t.string(key)
     if value is None:
         return None
     try:
-        parse_many(value)
+        parse_rates(value)
     except ValueError:
         t.problem(key, f"{value!r} is not a rate like '60/minute' or '10/second;100/hour'")
         return None
@@ -497,6 +536,9 @@ def _signing_key(file: Path, path: Path, where: str, problems: _Problems, *, pri
     try:
         data = json.loads(file.read_text("utf-8"))
         key = import_key(data)
+    except FileNotFoundError:
+        fail("not found" + (f"; make one with `gateway keygen --out {file}`" if private else ""))
+        return None
     except OSError as e:
         fail(f"cannot be read: {e.strerror}")
         return None
@@ -552,7 +594,7 @@ def _publisher(
 
     issuer = issuers.get(issuer_name) if issuer_name else None
     if issuer_name is not None and issuer is None:
-        t.problem("issuer", f"names no issuer in [issuers] (got {issuer_name!r})")
+        t.problem("issuer", f"names no issuer in [issuers] (got {issuer_name!r}){did_you_mean(issuer_name, issuers)}")
     if repository is not None:
         problem = _repository_problem(repository)
         if problem:

@@ -131,7 +131,7 @@ class Exchange:
         verified = await self.verify(raw, attempt, runtime=runtime)
         if runtime.limits is not None:
             # Counted for every verified attempt, matched or not: a repository cannot probe publishers freely.
-            await runtime.limits.hit_repository(verified.issuer.name, verified.identity.repository)
+            await runtime.limits.hit_repository(verified.issuer.url, verified.identity.repository)
         match = self.match(verified, runtime=runtime)
         attempt.publishers, attempt.projects = match.publishers, match.projects
         now = self.clock()

@@ -73,8 +73,6 @@ class Reloader:
         except (OSError, ValueError) as e:  # a CA bundle OpenSSL cannot use (ssl.SSLError is an OSError)
             return self._refuse(before, "config reload refused; the previous config stays in force:", [str(e)])
         self.exchange.switch(runtime)
-        if previous.limits is not None and previous.limits is not runtime.limits:
-            await previous.limits.aclose()
         self._stamps = {**self._stat(settings.files), **{f: v for f, v in before.items() if f in settings.files}}
         self.counter.labels("success").inc()
         log.info("config reloaded: %d issuer(s), %d publisher(s)", len(settings.issuers), len(settings.publishers))

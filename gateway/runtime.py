@@ -25,6 +25,7 @@ from .keys.shared import SharedKeys
 from .mint import Signer
 from .publishers import Publishers
 from .ratelimit import RateLimits, rate_limits
+from .store import Store
 
 __all__ = ["RESTART_ONLY", "Runtime", "Services", "build", "key_policy", "restart_needed"]
 
@@ -49,6 +50,8 @@ class Services:
     # The key used while no signing_key is configured (made once per process, with a warning).
     ephemeral_key: Key | None = None
     on_redis_error: Callable[[], None] = lambda: None
+    # The replay store: the rate limits count in its Redis (one connection pool, its key prefix).
+    store: Store | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +145,7 @@ def _limits(settings: Settings, services: Services, previous: Runtime | None) ->
         previous.settings.rate_limit_repository,
     ):
         return previous.limits
-    limits = rate_limits(settings)
+    limits = rate_limits(settings, services.store, clock=services.clock)
     if limits is not None:
         limits.on_error = services.on_redis_error
     return limits

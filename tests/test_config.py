@@ -308,7 +308,7 @@ BAD_CONFIGS = [
         [],
         {"signing_key": "no-such-key.json"},
         "issuers.toml: [gateway] signing_key:",
-        "cannot be read",
+        "no-such-key.json: not found; make one with `gateway keygen --out ",
         id="signing-key-missing",
     ),
     pytest.param(
@@ -604,3 +604,52 @@ def test_several_problems_are_reported_together(tmp_path: Path) -> None:
         "[[publisher]] #2 owner_id",
     ]
     assert str(ConfigError(problems)).splitlines() == list(problems)
+
+
+@pytest.mark.parametrize(
+    ("issuers", "publishers", "gateway", "line"),
+    [
+        pytest.param(
+            ISSUERS, [], {"token_tll": 600},
+            "issuers.toml: [gateway] token_tll: unknown key (did you mean 'token_ttl'?)",
+            id="gateway-key",
+        ),
+        pytest.param(
+            {"gitlab-com": GITLAB_COM | {"namespace": ["atlas"]}}, [], {},
+            "issuers.toml: [issuers.gitlab-com] namespace: unknown key (did you mean 'namespaces'?)",
+            id="issuer-key",
+        ),
+        pytest.param(
+            ISSUERS, [PUBLISHER | {"enviroment": "release"}], {},
+            "publishers.toml: [[publisher]] #1 enviroment: unknown key (did you mean 'environment'?)",
+            id="publisher-key",
+        ),
+        pytest.param(
+            ISSUERS, [PUBLISHER | {"issuer": "gitlab-cmo"}], {},
+            "publishers.toml: [[publisher]] #1 issuer: names no issuer in [issuers] (got 'gitlab-cmo') "
+            "(did you mean 'gitlab-com'?)",
+            id="issuer-name",
+        ),
+        pytest.param(
+            ISSUERS, [PUBLISHER | {"issuer": "github"}], {},
+            "publishers.toml: [[publisher]] #1 issuer: names no issuer in [issuers] (got 'github')",
+            id="nothing-near",
+        ),
+    ],
+)  # fmt: skip
+def test_unknown_names_suggest_the_nearest_known_one(
+    tmp_path: Path,
+    issuers: dict[str, dict[str, Any]],
+    publishers: list[dict[str, Any]],
+    gateway: dict[str, Any],
+    line: str,
+) -> None:
+    """A misspelt key or issuer name is refused with the nearest known name suggested, and nothing when none is near."""
+    assert problems_of(write_config(tmp_path, issuers, publishers, **gateway)) == (line,)
+
+
+def test_unknown_table_suggests_the_nearest_known_one(tmp_path: Path) -> None:
+    """A misspelt table name ([gatway]) is refused with the known table it is nearest to."""
+    path = write_config(tmp_path, ISSUERS, [])
+    path.write_text(path.read_text() + '\n[upstraem]\nurl = "https://index.test/legacy/"\n')
+    assert problems_of(path) == ("issuers.toml: [upstraem]: unknown table (did you mean 'upstream'?)",)

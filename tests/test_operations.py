@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -25,7 +26,6 @@ from gateway import config, logs
 from gateway.app import create_app
 from gateway.errors import ConfigError
 from gateway.keys.cache import FAILURE_BACKOFF
-from gateway.ratelimit import RateLimits
 from gateway.routes import client_address
 from gateway.store import jti_key
 from gateway.testing import FakeClock, TestIssuer
@@ -66,30 +66,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def shared_gateway(make_gateway: MakeGateway, redis_server: RedisServer) -> AsyncIterator[MakeGateway]:
-    """make_gateway with redis_url set to this test's Redis; the rate limiters' Redis clients closed afterwards."""
-    made: list[Gateway] = []
+def shared_gateway(make_gateway: MakeGateway, redis_server: RedisServer) -> MakeGateway:
+    """make_gateway with redis_url set to this test's Redis."""
 
     async def make(issuers: dict[str, Any], **gateway: Any) -> Gateway:
-        made.append(await make_gateway(issuers, redis_url=redis_server.url, **gateway))
-        return made[-1]
+        return await make_gateway(issuers, redis_url=redis_server.url, **gateway)  # type: ignore[no-any-return]
 
-    yield make
-    for gateway in made:
-        await close_rate_limits(gateway.exchange.limits)
-
-
-async def close_rate_limits(limits: RateLimits | None) -> None:
-    """Close the rate limiter's Redis client, which the app's shutdown leaves open (see the lifespan test below)."""
-    aclose = getattr(limits, "aclose", None)
-    if aclose is not None:
-        await aclose()
-        return
-    # The `limits` library has no close() for its asyncio Redis storage; without this, its unclosed connections
-    # are garbage collected during some later test and fail it with ResourceWarnings.
-    storage = getattr(limits, "_storage", None)
-    if storage is not None:
-        await storage.bridge.storage.aclose()
+    return make
 
 
 async def mint(client: httpx.AsyncClient, token: str, headers: Sequence[tuple[str, str]] = ()) -> httpx.Response:
@@ -515,7 +498,14 @@ def test_client_address_of_a_dual_stack_listener(
 # Rate limits
 
 
-async def test_client_rate_limit(make_gateway: MakeGateway, issuer: TestIssuer, at: At) -> None:
+def retry_after_full_window(clock: FakeClock, amount: int = 3, window: int = 60) -> int:
+    """Retry-After for a window that took `amount` requests just now: until it has become the previous window
+    and faded enough for one more request to fit the sliding window."""
+    elapsed = clock() % window
+    return math.ceil(window - elapsed + window - window * (amount - 1) / amount)
+
+
+async def test_client_rate_limit(make_gateway: MakeGateway, issuer: TestIssuer, at: At, clock: FakeClock) -> None:
     """The 4th request in a minute from one address gets 429 rate-limited with Retry-After; others are unaffected."""
     gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)}, rate_limit_client="3/minute")
     client = at(gateway, "10.0.0.5")
@@ -527,7 +517,7 @@ async def test_client_rate_limit(make_gateway: MakeGateway, issuer: TestIssuer, 
     assert error_code(response) == "rate-limited"
     assert "retry" in description(response) and held not in response.text
     assert response.headers["retry-after"].isdigit()
-    assert 0 < int(response.headers["retry-after"]) <= 60
+    assert abs(int(response.headers["retry-after"]) - retry_after_full_window(clock)) <= 1
 
     # Another address has its own budget, and the refused token was not spent: it mints from there.
     response = await mint(at(gateway, "10.0.0.6"), held)
@@ -570,7 +560,9 @@ async def test_client_rate_limit_uses_forwarded_address(make_gateway: MakeGatewa
     assert response.status_code == 200, response.text
 
 
-async def test_repository_rate_limit_counts_failures(make_gateway: MakeGateway, issuer: TestIssuer, at: At) -> None:
+async def test_repository_rate_limit_counts_failures(
+    make_gateway: MakeGateway, issuer: TestIssuer, at: At, clock: FakeClock
+) -> None:
     """After 3 verified attempts for a repository (failures included), the 4th is 429 from any address."""
     gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)}, rate_limit_repository="3/minute")
     attempts = [
@@ -585,7 +577,7 @@ async def test_repository_rate_limit_counts_failures(make_gateway: MakeGateway, 
     response = await mint(at(gateway, "10.0.0.99"), issuer.gitlab_token(project_path="Group/Project"))
     assert response.status_code == 429 and error_code(response) == "rate-limited"
     assert "group/project" in description(response).lower()
-    assert 0 < int(response.headers["retry-after"]) <= 60
+    assert abs(int(response.headers["retry-after"]) - retry_after_full_window(clock)) <= 1
 
     # Another repository has its own budget (it is refused only for having no publisher).
     response = await mint(at(gateway, "10.0.0.99"), issuer.gitlab_token(project_path="group/other"))
@@ -618,7 +610,9 @@ async def test_no_limits_configured_means_none(gateway: Gateway, issuer: TestIss
 
 
 @needs_redis
-async def test_client_rate_limit_shared_through_redis(shared_gateway: MakeGateway, issuer: TestIssuer, at: At) -> None:
+async def test_client_rate_limit_shared_through_redis(
+    shared_gateway: MakeGateway, issuer: TestIssuer, at: At, clock: FakeClock
+) -> None:
     """With one Redis, 3 requests from one address split over two replicas use the budget; the 4th is 429."""
     replicas = [
         await shared_gateway({"gitlab-com": gitlab_issuer(issuer)}, rate_limit_client="3/minute") for _ in range(2)
@@ -628,7 +622,7 @@ async def test_client_rate_limit_shared_through_redis(shared_gateway: MakeGatewa
         assert (await mint(client, issuer.gitlab_token())).status_code == 200
     response = await mint(b, issuer.gitlab_token())
     assert response.status_code == 429 and error_code(response) == "rate-limited"
-    assert 0 < int(response.headers["retry-after"]) <= 60
+    assert abs(int(response.headers["retry-after"]) - retry_after_full_window(clock)) <= 1
     assert (await mint(at(replicas[1], "10.0.0.6"), issuer.gitlab_token())).status_code == 200
 
 
@@ -695,6 +689,26 @@ async def test_rate_limit_redis_failures_are_counted(
     assert samples(await metrics(gateway), "gateway_redis_errors_total")[()] >= 1
 
 
+@needs_redis
+async def test_reload_applies_rate_limits_in_the_stores_redis(
+    shared_gateway: MakeGateway, issuer: TestIssuer, at: At, redis_server: RedisServer
+) -> None:
+    """A reload that sets rate_limit_client applies it at once, counted in the store's Redis for both replicas."""
+    replicas = [await shared_gateway({"gitlab-com": gitlab_issuer(issuer)}) for _ in range(2)]
+    for replica in replicas:
+        assert replica.exchange.limits is None
+        path = replica.exchange.settings.config_path
+        assert path is not None
+        write_config(
+            path.parent, {"gitlab-com": gitlab_issuer(issuer)}, (PUBLISHER,),
+            redis_url=redis_server.url, rate_limit_client="2/minute",
+        )  # fmt: skip
+        assert await replica.app.state.reloader.reload() is True
+    a, b = (at(replica, "10.0.0.5") for replica in replicas)
+    statuses = [(await mint(client, issuer.gitlab_token())).status_code for client in (a, b, a)]
+    assert statuses == [200, 200, 429]
+
+
 def redis_connections(server: RedisServer) -> int:
     """Connections to `server` other than the one asking."""
     with server.client() as inspect:
@@ -716,20 +730,17 @@ async def test_shutdown_closes_every_redis_connection(
         reload_interval=0,
     )
     app = create_app(config.load(path, {}))
-    try:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="https://gateway.test") as client:
-                response = await client.post("/_/oidc/mint-token", json={"token": issuer.gitlab_token()})
-                assert response.status_code == 200, response.text
-            assert redis_connections(redis_server) > 0
-        # Another process (redis-server) notices closed sockets on its own schedule: poll it, briefly.
-        deadline = time.monotonic() + 2
-        while redis_connections(redis_server) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-        assert redis_connections(redis_server) == 0
-    finally:
-        await close_rate_limits(app.state.exchange.limits)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="https://gateway.test") as client:
+            response = await client.post("/_/oidc/mint-token", json={"token": issuer.gitlab_token()})
+            assert response.status_code == 200, response.text
+        assert redis_connections(redis_server) > 0
+    # Another process (redis-server) notices closed sockets on its own schedule: poll it, briefly.
+    deadline = time.monotonic() + 2
+    while redis_connections(redis_server) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    assert redis_connections(redis_server) == 0
 
 
 # Health
