@@ -604,3 +604,27 @@ def test_several_problems_are_reported_together(tmp_path: Path) -> None:
         "[[publisher]] #2 owner_id",
     ]
     assert str(ConfigError(problems)).splitlines() == list(problems)
+
+
+def test_redis_prefix_defaults_to_gateway_and_takes_a_plain_name(tmp_path: Path) -> None:
+    """redis_prefix is "gateway:" unless set, and a plain name like "staging:" is taken as written."""
+    assert load(write_config(tmp_path, ISSUERS, [])).redis_prefix == "gateway:"
+    assert load(write_config(tmp_path, ISSUERS, [], redis_prefix="staging:")).redis_prefix == "staging:"
+
+
+@pytest.mark.parametrize(
+    "prefix", ["", " ", "gate way:", "gateway:*", "gw[1]:", "?", ":leading", "x" * 65, "é:"], ids=repr
+)
+def test_redis_prefix_that_is_not_a_plain_name_is_a_load_error(tmp_path: Path, prefix: str) -> None:
+    """A redis_prefix that is empty, too long, or holds spaces or glob characters (it goes into ACL and SCAN
+    patterns) is one load error naming the field."""
+    (problem,) = problems_of(write_config(tmp_path, ISSUERS, [], redis_prefix=prefix))
+    assert problem.startswith("issuers.toml: [gateway] redis_prefix:"), problem
+
+
+def test_ca_bundle_content_is_read_at_load(tmp_path: Path, ca: Any) -> None:
+    """An issuer's ca_bundle is read when the config loads: its content is what the issuer trusts and is named by."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(ca.cert_pem.bytes())
+    settings = load(write_config(tmp_path, {"cern": GITLAB_COM | {"ca_bundle": str(bundle)}}, []))
+    assert settings.issuers["cern"].ca_pem == ca.cert_pem.bytes()
