@@ -628,3 +628,17 @@ def test_ca_bundle_content_is_read_at_load(tmp_path: Path, ca: Any) -> None:
     bundle.write_bytes(ca.cert_pem.bytes())
     settings = load(write_config(tmp_path, {"cern": GITLAB_COM | {"ca_bundle": str(bundle)}}, []))
     assert settings.issuers["cern"].ca_pem == ca.cert_pem.bytes()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not a certificate\n", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"],
+    ids=["empty", "text", "broken-block"],
+)
+def test_ca_bundle_openssl_cannot_load_is_a_load_error(tmp_path: Path, content: bytes) -> None:
+    """A ca_bundle without a certificate OpenSSL can load is one load error naming the field (not a crash later)."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(content)
+    (problem,) = problems_of(write_config(tmp_path, {"cern": GITLAB_COM | {"ca_bundle": str(bundle)}}, []))
+    assert problem.startswith("issuers.toml: [issuers.cern] ca_bundle:"), problem
+    assert "is not a readable PEM certificate file" in problem
