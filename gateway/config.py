@@ -10,6 +10,7 @@ import difflib
 import json
 import os
 import re
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -38,6 +39,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*-----END CERTIFICATE-----")
 _REDIS_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _PROJECT = re.compile(r"[A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9]", re.IGNORECASE)
 
@@ -49,8 +51,8 @@ class Issuer:
     kind: str
     namespaces: tuple[str, ...] = ()
     ca_bundle: Path | None = None
-    # The bundle's content as read when the config was loaded: the trust the fetcher uses, and part of the
-    # issuer's identity in shared state (keys.fetch.trust_id), so a changed file is a changed issuer.
+    # The bundle's certificates as read when the config was loaded: the trust the fetcher uses, and part of the
+    # issuer's identity in shared state (keys.fetch.trust_id), so a bundle with other certificates is another issuer.
     ca_pem: bytes | None = field(default=None, repr=False)
     algorithms: tuple[str, ...] = ("RS256",)
     # Policy for every kind: a suspended issuer keeps its publishers but mints nothing.
@@ -522,11 +524,22 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
 
 
 def _pem_certificates(path: Path) -> bytes | None:
+    """The bundle's certificates (PEM blocks only), if OpenSSL can load every one of them; else None."""
     try:
         content = path.read_bytes()
     except OSError:
         return None
-    return content if b"-----BEGIN CERTIFICATE-----" in content else None
+    # Only the blocks: text around them (comments, in any encoding) is neither trusted nor part of the identity.
+    blocks = _PEM_CERTIFICATE.findall(content)
+    if not blocks:
+        return None
+    pem = b"\n".join(blocks) + b"\n"
+    try:
+        # Loaded once here, so a broken bundle is a config error naming the field, not a crash at start or reload.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
+    except ssl.SSLError:
+        return None
+    return pem
 
 
 def _signing_key(file: Path, path: Path, where: str, problems: _Problems, *, private: bool = True) -> Key | None:

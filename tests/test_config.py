@@ -653,3 +653,41 @@ def test_unknown_table_suggests_the_nearest_known_one(tmp_path: Path) -> None:
     path = write_config(tmp_path, ISSUERS, [])
     path.write_text(path.read_text() + '\n[upstraem]\nurl = "https://index.test/legacy/"\n')
     assert problems_of(path) == ("issuers.toml: [upstraem]: unknown table (did you mean 'upstream'?)",)
+
+
+def test_redis_prefix_defaults_to_gateway_and_takes_a_plain_name(tmp_path: Path) -> None:
+    """redis_prefix is "gateway:" unless set, and a plain name like "staging:" is taken as written."""
+    assert load(write_config(tmp_path, ISSUERS, [])).redis_prefix == "gateway:"
+    assert load(write_config(tmp_path, ISSUERS, [], redis_prefix="staging:")).redis_prefix == "staging:"
+
+
+@pytest.mark.parametrize(
+    "prefix", ["", " ", "gate way:", "gateway:*", "gw[1]:", "?", ":leading", "x" * 65, "é:"], ids=repr
+)
+def test_redis_prefix_that_is_not_a_plain_name_is_a_load_error(tmp_path: Path, prefix: str) -> None:
+    """A redis_prefix that is empty, too long, or holds spaces or glob characters (it goes into ACL and SCAN
+    patterns) is one load error naming the field."""
+    (problem,) = problems_of(write_config(tmp_path, ISSUERS, [], redis_prefix=prefix))
+    assert problem.startswith("issuers.toml: [gateway] redis_prefix:"), problem
+
+
+def test_ca_bundle_content_is_read_at_load(tmp_path: Path, ca: Any) -> None:
+    """An issuer's ca_bundle is read when the config loads: its content is what the issuer trusts and is named by."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(ca.cert_pem.bytes())
+    settings = load(write_config(tmp_path, {"cern": GITLAB_COM | {"ca_bundle": str(bundle)}}, []))
+    assert settings.issuers["cern"].ca_pem == ca.cert_pem.bytes()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not a certificate\n", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"],
+    ids=["empty", "text", "broken-block"],
+)
+def test_ca_bundle_openssl_cannot_load_is_a_load_error(tmp_path: Path, content: bytes) -> None:
+    """A ca_bundle without a certificate OpenSSL can load is one load error naming the field (not a crash later)."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(content)
+    (problem,) = problems_of(write_config(tmp_path, {"cern": GITLAB_COM | {"ca_bundle": str(bundle)}}, []))
+    assert problem.startswith("issuers.toml: [issuers.cern] ca_bundle:"), problem
+    assert "is not a readable PEM certificate file" in problem

@@ -7,10 +7,12 @@ drives every gateway of a test, so "later" is the same moment for all of them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import MAX_LEEWAY, Issuer
 from gateway.keys import shared
 from gateway.keys.fetch import trust_id
+from gateway.mint import generate_key
 from gateway.reload import Reloader
 from gateway.testing import FakeClock, TestIssuer
 from tests.conftest import PUBLISHER, Gateway, error_code, gitlab_issuer, write_config
+from tests.processes import GatewayProcess
 from tests.redis_server import REDIS_SERVER, RedisServer
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -391,3 +395,101 @@ async def test_a_reload_applies_key_cache_settings_to_the_shared_tier_too(
     for replica in (a, b):
         key_set = replica.exchange.keys.state(NAME).key_set
         assert key_set is not None and clock() - key_set.fetched_at < 10
+
+
+# --- End to end: `gateway serve` processes on one Redis -----------------------------------------------------------
+
+
+async def post(base: str, raw: str) -> httpx.Response:
+    # A fresh connection per request: with --workers, the kernel hands each to either worker.
+    async with httpx.AsyncClient(base_url=base, timeout=15) as client:
+        return await client.post("/_/oidc/mint-token", json={"token": raw})
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    """Wait (bounded) for something another process does; there is no event to wait on across processes."""
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+def config_in(directory: Path, issuers: dict[str, Any], **gateway: Any) -> Path:
+    directory.mkdir()
+    return write_config(directory, issuers, [PUBLISHER], **gateway)
+
+
+async def test_served_gateways_of_two_configs_on_one_redis_never_accept_each_others_keys(
+    tmp_path: Path, issuer: TestIssuer, other: TestIssuer, redis_server: RedisServer
+) -> None:
+    """Real processes: production and staging name different URLs gitlab-com on one Redis (keys_ttl 1 s, so both
+    refresh through Redis); a token with production's iss signed with staging's key is invalid-token at a warm
+    production replica after the refreshes and at a production replica started afterwards."""
+    settings = {"redis_url": redis_server.url, "keys_ttl": 1}
+    production = config_in(tmp_path / "production", {NAME: gitlab_issuer(issuer)}, **settings)
+    staging = config_in(tmp_path / "staging", {NAME: gitlab_issuer(other)}, **settings)
+    with GatewayProcess(production).wait("/readyz") as warm, GatewayProcess(staging).wait("/readyz") as stage:
+        assert (await post(warm.base, issuer.gitlab_token())).status_code == 200
+        assert (await post(stage.base, other.gitlab_token())).status_code == 200
+        assert_invalid_token(await post(warm.base, forged_now(issuer, other)))
+
+        # Past keys_ttl on the real clock: staging refreshes (and publishes) first, then production.
+        fetched = other.jwks_count
+        await asyncio.sleep(1.1)
+        assert (await post(stage.base, other.gitlab_token())).status_code == 200
+        await until(lambda: other.jwks_count > fetched)
+        fetched = issuer.jwks_count
+        assert (await post(warm.base, issuer.gitlab_token())).status_code == 200
+        await until(lambda: issuer.jwks_count > fetched)
+        assert_invalid_token(await post(warm.base, forged_now(issuer, other)))
+
+        with GatewayProcess(production).wait("/readyz") as cold:
+            assert_invalid_token(await post(cold.base, forged_now(issuer, other)))
+            assert (await post(cold.base, issuer.gitlab_token())).status_code == 200
+
+
+def forged_now(victim: TestIssuer, attacker: TestIssuer) -> str:
+    """As `forged`, on the real clock (for real processes)."""
+    return attacker.sign(victim.gitlab_claims())
+
+
+async def test_two_served_workers_on_redis_mint_each_token_once(
+    tmp_path: Path, issuer: TestIssuer, redis_server: RedisServer
+) -> None:
+    """`gateway serve --workers 2` with redis_url and signing_key: 8 concurrent requests with one token, on fresh
+    connections spread over both workers, mint exactly once, for each of 3 tokens."""
+    signing = tmp_path / "signing.jwk"
+    signing.write_text(json.dumps(generate_key().as_dict(private=True)))
+    config = config_in(
+        tmp_path / "config", {NAME: gitlab_issuer(issuer)}, redis_url=redis_server.url, signing_key=str(signing)
+    )
+    with GatewayProcess(config, workers=2).wait("/readyz") as server:
+        for _ in range(3):
+            raw = issuer.gitlab_token()
+            responses = await asyncio.gather(*(post(server.base, raw) for _ in range(8)))
+            assert sorted(r.status_code for r in responses) == [200] + [422] * 7
+            assert {error_code(r) for r in responses if r.status_code == 422} == {"invalid-reuse-token"}
+
+
+async def test_sighup_changing_a_restart_only_setting_is_refused_by_a_running_server(
+    tmp_path: Path, issuer: TestIssuer, redis_server: RedisServer
+) -> None:
+    """Real process: SIGHUP after replay_fallback and a new publisher were written refuses both, logs
+    "replay_fallback needs a restart" and counts one failed reload; the server keeps minting with the old config."""
+    release = PUBLISHER | {"repository": "group/release", "projects": ["release-project"]}
+    directory = tmp_path / "config"
+    config = config_in(directory, {NAME: gitlab_issuer(issuer)}, redis_url=redis_server.url, reload_interval=0)
+    with GatewayProcess(config).wait("/readyz") as server:
+        write_config(
+            directory, {NAME: gitlab_issuer(issuer)}, [PUBLISHER, release], redis_url=redis_server.url,
+            reload_interval=0, replay_fallback=True,
+        )  # fmt: skip
+        server.process.send_signal(signal.SIGHUP)
+        async with httpx.AsyncClient(base_url=server.base, timeout=15) as client:
+            async with asyncio.timeout(10):
+                while reloads((await client.get("/metrics")).text).get("failure", 0) < 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            assert reloads((await client.get("/metrics")).text) == {"failure": 1.0}
+        assert "replay_fallback needs a restart" in server.log.read_text()
+        refused = await post(server.base, issuer.gitlab_token(project_path="group/release"))
+        assert error_code(refused) == "invalid-publisher"
+        assert (await post(server.base, issuer.gitlab_token())).status_code == 200

@@ -295,3 +295,35 @@ async def test_refused_config_is_not_retried_until_it_changes(make_gateway: Any,
     assert watcher.changed()
     assert await watcher.reload() is False
     assert not watcher.changed()
+
+
+async def test_a_mint_under_way_finishes_under_the_config_it_started_with(
+    make_gateway: Any, issuer: TestIssuer
+) -> None:
+    """A reload landing while a mint waits for the issuer's keys does not change that mint's config halfway: it
+    matches the publishers it started with, and the next mint the new ones."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    issuer.delay = 0.5
+    issuer.paths_misbehave = {"jwks"}
+    under_way = asyncio.create_task(gateway.mint(issuer.gitlab_token()))
+    async with asyncio.timeout(5):
+        # Wall time: waiting for the issuer's thread (another thread, no event to share) to see the request.
+        while not issuer.jwks_count:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+    write_config(directory_of(gateway), {"gitlab-com": gitlab_issuer(issuer)}, [RELEASE])
+    assert await reloader(gateway).reload()
+    response = await under_way
+    assert response.status_code == 200, response.text
+    assert response.json()["projects"] == ["sampleproject"]
+    assert error_code(await gateway.mint(issuer.gitlab_token())) == "invalid-publisher"
+
+
+async def test_renaming_an_issuer_keeps_its_cached_keys(make_gateway: Any, issuer: TestIssuer) -> None:
+    """The key cache is keyed by an issuer's trust (URL, CA, algorithms), so a reload that only renames it fetches
+    nothing."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    assert (await gateway.mint(issuer.gitlab_token())).status_code == 200
+    write_config(directory_of(gateway), {"gitlab": gitlab_issuer(issuer)}, [PUBLISHER | {"issuer": "gitlab"}])
+    assert await reloader(gateway).reload()
+    assert (await gateway.mint(issuer.gitlab_token())).status_code == 200
+    assert (issuer.discovery_count, issuer.jwks_count) == (1, 1)

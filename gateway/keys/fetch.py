@@ -11,7 +11,6 @@ import base64
 import binascii
 import hashlib
 import json
-import re
 import ssl
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -268,17 +267,12 @@ class Fetcher:
         await self.client.aclose()
 
 
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*-----END CERTIFICATE-----")
-
-
 def _ssl_context(issuer: Issuer) -> ssl.SSLContext:
     context = ssl.create_default_context()
     # Added to, not instead of, the system CAs. The content the config read (and trust_id hashed) when there is
     # one, so the trust in use is exactly the trust named; the file only for a bare Issuer (probe-issuer).
     if issuer.ca_pem is not None:
-        # Only the certificate blocks: text around them (comments, in any encoding) is not PEM's, nor OpenSSL's.
-        blocks = _PEM_CERTIFICATE.findall(issuer.ca_pem)
-        context.load_verify_locations(cadata=b"\n".join(blocks).decode("ascii"))
+        context.load_verify_locations(cadata=issuer.ca_pem.decode("ascii"))
     elif issuer.ca_bundle is not None:
         context.load_verify_locations(cafile=str(issuer.ca_bundle))
     return context
