@@ -1,4 +1,4 @@
-"""Command line: gateway serve | check | keygen | probe-issuer | explain."""
+"""Command line: gateway serve | check | keygen | probe-issuer | explain | pins | revoke."""
 
 from __future__ import annotations
 
@@ -121,6 +121,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         "source", metavar="TOKEN", help="the ID token, or - to read it from standard input (keeps it out of ps)"
     )
 
+    pins = commands.add_parser(
+        "pins",
+        help="list or forget the ids pinned on first use ([issuers.X] pin_on_first_use)",
+        description="Pins live in Redis (redis_url) or else in [gateway] state_file. Exit status: 0 on success, "
+        "1 with a message otherwise.",
+    )
+    pins_commands = pins.add_subparsers(dest="pins_command", required=True)
+    pins_list = pins_commands.add_parser("list", help="one pin a line")
+    _config_argument(pins_list)
+    pins_forget = pins_commands.add_parser(
+        "forget", help="forget a repository's pin: its next successful mint pins it again"
+    )
+    _config_argument(pins_forget)
+    pins_forget.add_argument("--issuer", help="the issuer's name in [issuers]")
+    pins_forget.add_argument("--repository", help="the repository path (compared as matching does)")
+
+    revoke = commands.add_parser(
+        "revoke",
+        help="refuse a repository's mints and uploads at once, on every replica",
+        description="Record an emergency revocation: mints for the repository whose ID token was issued inside "
+        "the window are refused (invalid-publisher, with the reason), and /legacy/ refuses upload tokens minted "
+        "inside it. A bound not given leaves that side open. Every replica honours it within 2 s, without a "
+        "reload. Exit status: 0 on success, 1 with a message otherwise.",
+    )
+    _config_argument(revoke)
+    revoke.add_argument("--issuer", help="the issuer's name in [issuers]")
+    revoke.add_argument("--repository", help="the repository path (compared as matching does)")
+    revoke.add_argument("--since", help="ISO 8601 time with a zone (Z or +HH:MM): tokens issued at or after it")
+    revoke.add_argument("--until", help="ISO 8601 time with a zone: tokens issued at or before it")
+    revoke.add_argument("--reason", help="why; shown to the refused CI job and in the audit log")
+    revoke.add_argument("--list", action="store_true", help="list revocations, one a line starting id=ID")
+    revoke.add_argument("--lift", metavar="ID", help="lift the revocation ID")
+
     commands.add_parser(
         "demo",
         help="run the whole flow locally, no network: a test issuer, a gateway, a token exchanged and verified",
@@ -138,6 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _probe(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command in ("pins", "revoke"):
+        from .admin import pins_command, revoke_command
+
+        settings = _load(args)
+        if settings is None:
+            return 1
+        logs.configure(settings.log_level, settings.log_format)
+        return pins_command(settings, args) if args.command == "pins" else revoke_command(settings, args)
     if args.command == "demo":
         try:
             from . import demo

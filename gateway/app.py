@@ -23,6 +23,7 @@ from .mint import generate_key
 from .reload import Reloader
 from .routes import Endpoints, gateway_error
 from .runtime import Services, build
+from .state import FileState, RedisState, State
 from .store import MemoryStore, RedisStore, Store
 from .upload import UploadProxy
 
@@ -36,6 +37,7 @@ def create_app(
     store: Store | None = None,
     clock: Callable[[], float] | None = None,
     signing_key: Key | None = None,
+    state: State | None = None,
 ) -> Starlette:
     """Build the app; every outside dependency can be passed in, and the rest comes from `settings`."""
     clock = clock or time.time
@@ -50,6 +52,8 @@ def create_app(
         store = _default_store(settings, clock)
     metrics = Metrics()
     store.on_error = lambda: metrics.count(metrics.redis_errors)
+    if state is None:
+        state = default_state(settings, store)
     services = Services(
         clock=clock,
         transport=transport,
@@ -61,7 +65,7 @@ def create_app(
         on_redis_error=store.on_error,
         store=store,
     )
-    exchange = Exchange(build(settings, services), store=store, clock=clock)
+    exchange = Exchange(build(settings, services), store=store, clock=clock, state=state)
     endpoints = Endpoints(exchange, metrics)
     # Always there: it answers 404 itself while no [upstream] is configured, so a reload can add one.
     upload = UploadProxy(exchange)
@@ -78,6 +82,7 @@ def create_app(
             endpoints.shutting_down = True
             await reloader.stop()
             await exchange.keys.aclose()
+            await exchange.state.aclose()
             await exchange.store.aclose()
             await upload.aclose()
 
@@ -122,6 +127,19 @@ def _default_store(settings: config.Settings, clock: Callable[[], float]) -> Sto
     return RedisStore.from_url(
         settings.redis_url, clock=clock, fallback=settings.replay_fallback, prefix=settings.redis_prefix
     )
+
+
+def default_state(settings: config.Settings, store: Store) -> State:
+    """Pins and revocations where the replay store keeps its state: in its Redis, or else in the state file."""
+    if isinstance(store, RedisStore):
+        return RedisState(
+            store.client,
+            prefix=store.prefix,
+            deadline=store.deadline,
+            on_error=lambda: store.on_error(),
+            fail_open=store.fallback is not None,
+        )
+    return FileState(settings.state_file)
 
 
 def from_environment() -> Starlette:

@@ -59,6 +59,8 @@ class Issuer:
     enabled: bool = True
     require_protected_ref: bool = False
     runner_environments: tuple[str, ...] | None = None
+    # Record a repository's ids at its first mint and refuse later tokens with others (gateway.state).
+    pin_on_first_use: bool = False
     # What the kind read from its own keys (Kind.options), e.g. the generic kind's claim mapping.
     options: Any = field(default=None, compare=False)
 
@@ -101,6 +103,8 @@ class Settings:
     log_format: str = "text"
     drain_seconds: float = 0.0
     upstream: Upstream | None = None
+    # Pins and revocations without Redis (gateway.state); None: in this process only.
+    state_file: Path | None = None
     config_path: Path | None = field(default=None, compare=False)
     # Every file the settings were read from, for the reloader to watch.
     files: tuple[Path, ...] = field(default=(), compare=False)
@@ -278,6 +282,7 @@ def _validate(
         log_level = environ["GATEWAY_LOG_LEVEL"]
     log_format = _choice(t, "log_format", ("text", "json"), "text")
     drain_seconds = t.number("drain_seconds", 0.0, minimum=0, integer=False)
+    state_file = t.string("state_file", "gateway-state.json") or "gateway-state.json"
     t.finish()
 
     issuers = _issuers(raw["issuers"], path, problems)
@@ -327,6 +332,7 @@ def _validate(
         log_format=log_format,
         drain_seconds=float(drain_seconds),
         upstream=upstream,
+        state_file=base / state_file,
         config_path=path,
         files=tuple(
             dict.fromkeys(
@@ -480,6 +486,7 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
         enabled = t.get("enabled", bool, True)
         require_protected_ref = t.get("require_protected_ref", bool, False)
         runner_environments = t.strings("runner_environments")
+        pin_on_first_use = t.get("pin_on_first_use", bool, False)
         read_options = KINDS[kind].options if kind in KINDS else None
         options = read_options(t) if read_options is not None else None
         t.finish()
@@ -518,6 +525,7 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
                 enabled=enabled,
                 require_protected_ref=require_protected_ref,
                 runner_environments=runner_environments,
+                pin_on_first_use=pin_on_first_use,
                 options=options,
             )
     return issuers

@@ -7,6 +7,13 @@ spent only once a publisher matched (so a token refused for a fixable reason sta
 (so two concurrent requests with one token cannot both mint). Everything that can fail on the token's content
 fails before the spend: claim strings holding lone surrogates (which no UTF-8 encoder takes) are refused at
 verification, and the minted token's claims are built and encoded before the spend, leaving only the signature.
+
+Two operator checks sit between the identity and the spend (gateway.state). A revocation is checked as soon as
+the identity is known: an operator who revoked a repository in an emergency wants nothing of it to mint, whatever
+publisher it would match. The pin is checked once a publisher matched, and the first mint records it (first writer
+wins, in the shared store): a repository deleted and re-created under the same path (new numeric ids) cannot
+inherit the publisher. A pin that is due but cannot be recorded fails the mint closed, like a jti that cannot be
+spent.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .config import MAX_LEEWAY, Issuer, Settings
-from .errors import InvalidPayload, InvalidPublisher, ReusedToken
+from .errors import InvalidPayload, InvalidPublisher, ReplayStoreUnavailable, ReusedToken
 from .identity import Identity
 from .issuers import KINDS
 from .jose import VerifiedClaims, Verifier, peek
@@ -24,6 +31,7 @@ from .mint import Minted, Signer
 from .publishers import Match, Publisher, Publishers, under_namespaces
 from .ratelimit import RateLimits
 from .runtime import Runtime
+from .state import FileState, Pin, State, StateUnavailable
 from .store import Store, jti_key
 
 
@@ -38,6 +46,9 @@ class Attempt:
     jti: str | None = None
     publishers: tuple[Publisher, ...] = ()
     projects: tuple[str, ...] = ()
+    # The revocation that refused this attempt, and what its pin check did ("recorded", "held", "changed").
+    revocation: str | None = None
+    pin: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +71,12 @@ class Exchange:
     Each request takes the runtime once and uses it to the end, so it never mixes an old and a new config.
     """
 
-    def __init__(self, runtime: Runtime, *, store: Store, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, runtime: Runtime, *, store: Store, clock: Callable[[], float], state: State | None = None
+    ) -> None:
         self.runtime = runtime
+        # Pins and revocations (gateway.state): durable operator state, like the store not part of a config.
+        self.state: State = state if state is not None else FileState(None)
         self.store = store
         self.clock = clock
 
@@ -132,8 +147,10 @@ class Exchange:
         if runtime.limits is not None:
             # Counted for every verified attempt, matched or not: a repository cannot probe publishers freely.
             await runtime.limits.hit_repository(verified.issuer.url, verified.identity.repository)
+        await self.check_revoked(verified, attempt)
         match = self.match(verified, runtime=runtime)
         attempt.publishers, attempt.projects = match.publishers, match.projects
+        await self.check_pin(verified, match, attempt)
         now = self.clock()
         # Remember the jti for as long as any clock within the *largest* leeway a config may set could still accept
         # the token, not the leeway in force: a reload raising it must not make a spent token new again.
@@ -152,6 +169,63 @@ class Exchange:
         if not await self.store.spend(jti_key(verified.issuer.url, verified.claims["jti"]), ttl):
             raise ReusedToken("this ID token was already exchanged; each ID token can be used once")
         return Exchanged(verified=verified, match=match, minted=runtime.signer.sign(unsigned))
+
+    async def check_revoked(self, verified: Verified, attempt: Attempt) -> None:
+        identity = verified.identity
+        try:
+            revocation = await self.state.revoked(identity.issuer_url, identity.repository, verified.claims["iat"])
+        except StateUnavailable:
+            raise ReplayStoreUnavailable(
+                "the gateway cannot read its revocations from the shared store yet; retry shortly"
+            ) from None
+        if revocation is not None:
+            attempt.revocation = revocation.id
+            raise InvalidPublisher(
+                f"publishing from repository {identity.repository!r} of issuer {identity.issuer!r} is revoked by "
+                f"this gateway's operator (revocation {revocation.id}): {revocation.reason}"
+            )
+
+    async def check_pin(self, verified: Verified, match: Match, attempt: Attempt) -> None:
+        """Refuse a repository whose ids changed since its first mint; record them at the first."""
+        if not verified.issuer.pin_on_first_use or all(_pinned_statically(p) for p in match.publishers):
+            return
+        identity = verified.identity
+        if identity.repository_id is None and identity.owner_id is None:
+            raise InvalidPublisher(
+                f"issuer {identity.issuer!r} pins repositories on first use, but this token carries neither a "
+                "repository id nor an owner id to pin"
+            )
+        seen = Pin(
+            issuer_url=identity.issuer_url,
+            repository=identity.repository,
+            repository_id=identity.repository_id,
+            owner_id=identity.owner_id,
+            pinned_at=self.clock(),
+        )
+        try:
+            pinned, recorded = await self.state.pin(seen)
+        except StateUnavailable:
+            raise ReplayStoreUnavailable(
+                "the shared store did not answer, so this repository's identity could not be pinned; retry shortly"
+            ) from None
+        if pinned.same_ids(seen):
+            attempt.pin = "recorded" if recorded else "held"
+            return
+        attempt.pin = "changed"
+        changes = [
+            (what, f"{name} was {old!r} when first seen, the token has {new!r}")
+            for what, name, old, new in (
+                ("repository", "repository id", pinned.repository_id, seen.repository_id),
+                ("owner", "owner id", pinned.owner_id, seen.owner_id),
+            )
+            if old != new
+        ]
+        raise InvalidPublisher(
+            f"the {' and '.join(what for what, _ in changes)} of {identity.repository!r} (issuer {identity.issuer!r}) "
+            f"changed identity since it was first seen ({'; '.join(text for _, text in changes)}); a deleted and "
+            "re-created project does not inherit its publisher: ask the gateway's operator to check and, if this is "
+            "the rightful project, `gateway pins forget` the old pin"
+        )
 
 
 def missing_token(audience: str) -> str:
@@ -180,3 +254,8 @@ def check_policy(issuer: Issuer, identity: Identity) -> None:
             f"the job ran on a {identity.runner_environment or 'unknown'!r} runner; issuer {issuer.name!r} only "
             f"publishes from {', '.join(issuer.runner_environments)} runners"
         )
+
+
+def _pinned_statically(publisher: Publisher) -> bool:
+    """A publisher that names both ids is pinned by its operator; the dynamic pin would add nothing."""
+    return publisher.owner_id is not None and getattr(publisher, "repository_id", None) is not None

@@ -34,6 +34,11 @@ def audit(attempt: Attempt, outcome: str) -> None:
         "projects": list(attempt.projects),
         "jti_hash": attempt.jti,
     }
+    # Only when they happened, so the common line stays as it was.
+    if attempt.revocation is not None:
+        fields["revocation"] = attempt.revocation
+    if attempt.pin is not None:
+        fields["pin"] = attempt.pin
     if audit_log.isEnabledFor(logging.INFO):
         audit_log.info(json.dumps(fields, separators=(",", ":")), extra={"audit": fields})
 

@@ -36,6 +36,7 @@ from starlette.types import Receive, Scope, Send
 from .config import Upstream
 from .exchange import Exchange
 from .publishers import normalize_project
+from .state import upload_refusal
 from .verify import InvalidUploadToken, check_project, verify_upload_token
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,10 @@ class UploadProxy:
             if upstream is None:
                 raise Refused(404, "this gateway has no upload proxy configured ([upstream] in issuers.toml)")
             claims = self._authenticate(headers.get("authorization"))
+            # An emergency revocation reaches upload tokens minted before it (gateway.state).
+            refusal = await upload_refusal(self.exchange.state, claims)
+            if refusal is not None:
+                raise Refused(*refusal)
             boundary = self._boundary(headers)
             length = headers.get("content-length", "")
             if length.isdigit() and int(length) > upstream.max_upload:
