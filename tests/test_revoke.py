@@ -93,18 +93,14 @@ def gateway_config(directory: Path, issuer: TestIssuer, index: FakeIndex, **gate
     key = directory / "signing-key.json"
     if not key.exists():
         key.write_text(json.dumps(generate_key().as_dict(private=True)))
-    path = write_config(
-        directory, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], signing_key=key.name, **gateway
-    )
+    path = write_config(directory, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], signing_key=key.name, **gateway)
     upstream = f'\n[upstream]\nurl = "{index.url}"\nusername = "operator"\npassword_env = "UPSTREAM_PASSWORD"\n'
     path.write_text(path.read_text() + upstream)
     return path
 
 
 def serve(config: Path, count: int) -> list[GatewayProcess]:
-    replicas = [
-        GatewayProcess(config, env=gateway_environ(UPSTREAM_PASSWORD=UPSTREAM_PASSWORD)) for _ in range(count)
-    ]
+    replicas = [GatewayProcess(config, env=gateway_environ(UPSTREAM_PASSWORD=UPSTREAM_PASSWORD)) for _ in range(count)]
     try:
         for replica in replicas:
             replica.wait("/readyz")
@@ -135,8 +131,16 @@ def test_cli_revocation_reaches_two_replicas_and_their_upload_tokens(
             assert minted.status_code == 200, minted.text
             upload_token = minted.json()["token"]
 
-            done = cli(config, "revoke", "--issuer", "gitlab-com", "--repository", "Group/Project",
-                       "--reason", "maintainer account compromised")
+            done = cli(
+                config,
+                "revoke",
+                "--issuer",
+                "gitlab-com",
+                "--repository",
+                "Group/Project",
+                "--reason",
+                "maintainer account compromised",
+            )
             finished = time.monotonic()
             assert done.returncode == 0, done.stderr
             for base in (first, second):
@@ -174,8 +178,18 @@ def test_cli_revocation_reaches_a_gateway_through_its_state_file(
         assert minted.status_code == 200, minted.text
         index.received.clear()
 
-        done = cli(config, "revoke", "--issuer", "gitlab-com", "--repository", "group/project",
-                   "--since", "2000-01-01T00:00:00Z", "--reason", "leaked runner token")
+        done = cli(
+            config,
+            "revoke",
+            "--issuer",
+            "gitlab-com",
+            "--repository",
+            "group/project",
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--reason",
+            "leaked runner token",
+        )
         finished = time.monotonic()
         assert done.returncode == 0, done.stderr
         assert (tmp_path / "gateway-state.json").exists()
@@ -347,12 +361,29 @@ def audit_lines(stderr: str) -> list[dict[str, Any]]:
         (["--issuer", "gitlab-com", "--reason", "x"], "--repository"),
         (["--issuer", "gitlab-com", "--repository", "gröup/project", "--reason", "x"], "ASCII"),
         (["--issuer", "gitlab-com", "--repository", "group/project"], "--reason"),
-        (["--issuer", "gitlab-com", "--repository", "group/project", "--reason", "x", "--since", "2026-01-01T00:00"],
-         "no zone"),
-        (["--issuer", "gitlab-com", "--repository", "group/project", "--reason", "x", "--until", "tomorrow"],
-         "not an ISO 8601 time"),
-        (["--issuer", "gitlab-com", "--repository", "group/project", "--reason", "x",
-          "--since", "2026-02-01T00:00Z", "--until", "2026-01-01T00:00Z"], "after --until"),
+        (
+            ["--issuer", "gitlab-com", "--repository", "group/project", "--reason", "x", "--since", "2026-01-01T00:00"],
+            "no zone",
+        ),
+        (
+            ["--issuer", "gitlab-com", "--repository", "group/project", "--reason", "x", "--until", "tomorrow"],
+            "not an ISO 8601 time",
+        ),
+        (
+            [
+                "--issuer",
+                "gitlab-com",
+                "--repository",
+                "group/project",
+                "--reason",
+                "x",
+                "--since",
+                "2026-02-01T00:00Z",
+                "--until",
+                "2026-01-01T00:00Z",
+            ],
+            "after --until",
+        ),
         (["--lift", "0123456789ab"], "no revocation has id"),
         (["--list", "--issuer", "gitlab-com"], "stand alone"),
     ],
@@ -367,7 +398,9 @@ def test_bad_revoke_command_lines_exit_1_with_a_message(
     assert not (tmp_path / "gateway-state.json").exists()
 
 
-def test_list_prints_one_revocation_a_line(tmp_path: Path, issuer: TestIssuer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_prints_one_revocation_a_line(
+    tmp_path: Path, issuer: TestIssuer, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`revoke --list` prints each revocation on one line starting id=ID, with its window and reason."""
     config = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER])
     base = ["revoke", "--issuer", "gitlab-com", "--reason", "two\nlines"]
@@ -401,9 +434,7 @@ async def test_unreadable_state_keeps_the_last_revocations(gateway: Gateway, iss
 
 def test_state_file_setting_is_relative_to_the_config(tmp_path: Path, issuer: TestIssuer) -> None:
     """[gateway] state_file names the file, relative to issuers.toml, that the CLI writes."""
-    config = write_config(
-        tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], state_file="state/pins.json"
-    )
+    config = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], state_file="state/pins.json")
     (tmp_path / "state").mkdir()
     assert run(config, "revoke", "--issuer", "gitlab-com", "--repository", "a/b", "--reason", "x") == 0
     document = json.loads((tmp_path / "state" / "pins.json").read_text())
