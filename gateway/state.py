@@ -212,6 +212,9 @@ class _Cached:
     async def fresh(self) -> None:
         """Bring the in-process copy up to date if it is older than the refresh interval."""
         if time.monotonic() < self._next:
+            if not self._loaded and not self.fail_open:
+                # The last attempt failed and the next is not due yet: still nothing to check against.
+                raise StateUnavailable("pins and revocations have not been read yet")
             return
         if self._refreshing is None:
             self._refreshing = asyncio.ensure_future(self._refresh())
@@ -294,8 +297,11 @@ class RedisState(_Cached):
             raise StateUnavailable(str(e) or type(e).__name__) from None
 
     async def _load(self) -> None:
-        revocations_version = await self._call(self.client.hget(self._revocations_key, _VERSION))
-        pins_version = await self._call(self.client.get(self._pins_version_key))
+        # Two keys (two slots on a cluster), asked at once: one round trip of waiting.
+        revocations_version, pins_version = await asyncio.gather(
+            self._call(self.client.hget(self._revocations_key, _VERSION)),
+            self._call(self.client.get(self._pins_version_key)),
+        )
         if pins_version != self._pins_version:
             # A pin was forgotten somewhere: drop every cached pin, so the next mint reads it again.
             self._pins.clear()
@@ -465,6 +471,13 @@ class FileState(_Cached):
         finally:
             os.close(fd)
 
+    async def _offload(self, function: Callable[..., T], *args: Any) -> T:
+        """File work in a thread (a large state file must not stall the event loop); the in-memory document,
+        which the event loop reads too, is changed on the loop itself."""
+        if self.path is None:
+            return function(*args)
+        return await asyncio.to_thread(function, *args)
+
     def _update(self, change: Callable[[dict[str, Any]], tuple[T, bool]]) -> T:
         """Read, change and write the document under the lock; `change` returns what the caller gets, and
         whether it changed the document (an unchanged one is not written)."""
@@ -510,7 +523,7 @@ class FileState(_Cached):
             document["pins"][pin.key] = asdict(pin)
             return pin, True
 
-        in_force = await asyncio.to_thread(self._update, record)
+        in_force = await self._offload(self._update, record)
         self._cache_pin(in_force)
         if in_force is pin:
             audit(
@@ -527,7 +540,7 @@ class FileState(_Cached):
             document["revocations"][revocation.id] = asdict(revocation)
             return None, True
 
-        await asyncio.to_thread(self._update, add)
+        await self._offload(self._update, add)
         self.invalidate()
 
     async def lift(self, revocation_id: str) -> Revocation | None:
@@ -536,16 +549,16 @@ class FileState(_Cached):
             revocations = _parse_revocations({revocation_id: held}) if held is not None else []
             return (revocations[0] if revocations else None), held is not None
 
-        lifted = await asyncio.to_thread(self._update, remove)
+        lifted = await self._offload(self._update, remove)
         self.invalidate()
         return lifted
 
     async def revocations(self) -> list[Revocation]:
-        document = await asyncio.to_thread(self._read)
+        document = await self._offload(self._read)
         return sorted(_parse_revocations(document["revocations"]), key=lambda r: r.created)
 
     async def pins(self) -> list[Pin]:
-        document = await asyncio.to_thread(self._read)
+        document = await self._offload(self._read)
         pins = []
         for data in document["pins"].values():
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -564,7 +577,7 @@ class FileState(_Cached):
             # A malformed pin is removed too; the caller still learns that something was forgotten.
             return Pin(issuer_url, repository, None, None, 0.0), True
 
-        forgotten = await asyncio.to_thread(self._update, remove)
+        forgotten = await self._offload(self._update, remove)
         self._pins.pop(key, None)
         self.invalidate()
         return forgotten

@@ -81,6 +81,14 @@ async def test_pins_hold_for_every_spelling_of_the_path(make_gateway: Any, issue
     assert "changed identity" in description(refused)
 
 
+async def test_pins_outlive_a_reload(make_gateway: Any, issuer: TestIssuer) -> None:
+    """A config reload keeps the pins in force: the re-created repository is still refused after it."""
+    gateway: Gateway = await make_gateway(pinning(issuer))
+    assert (await gateway.mint(issuer.gitlab_token())).status_code == 200
+    assert await gateway.app.state.reloader.reload()
+    assert "changed identity" in description(await gateway.mint(issuer.gitlab_token(**RECREATED)))
+
+
 async def test_without_pin_on_first_use_ids_are_not_pinned(make_gateway: Any, issuer: TestIssuer) -> None:
     """An issuer without pin_on_first_use records nothing and mints for changed ids."""
     gateway: Gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})

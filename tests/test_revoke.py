@@ -11,6 +11,8 @@ import asyncio
 import base64
 import json
 import logging
+import math
+import os
 import subprocess
 import sys
 import time
@@ -22,14 +24,16 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway import config
 from gateway.__main__ import main
+from gateway.app import create_app
 from gateway.mint import generate_key
 from gateway.state import FileState, Revocation
 from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer, write_config
 from tests.processes import GatewayProcess, gateway_environ, stop_all
 from tests.redis_server import REDIS_SERVER, RedisServer
-from tests.test_upload import FakeIndex, upload_body
+from tests.test_upload import CONTENT_TYPE, FakeIndex, upload_body
 
 # What the issue demands: every replica honours a new revocation (and its lifting) within this many seconds.
 HONOURED_WITHIN = 2.0
@@ -53,17 +57,13 @@ def mint(base: str, token: str) -> httpx.Response:
     return httpx.post(f"{base}/_/oidc/mint-token", json={"token": token}, timeout=10)
 
 
-def upload(base: str, token: str) -> httpx.Response:
+def upload_headers(token: str) -> dict[str, str]:
     credentials = base64.b64encode(f"__token__:{token}".encode()).decode()
-    return httpx.post(
-        f"{base}/legacy/",
-        content=upload_body(),
-        headers={
-            "Authorization": f"Basic {credentials}",
-            "Content-Type": "multipart/form-data; boundary=9f2c4e6a8b0d1f3e5a7c9e1b3d5f7a9c",
-        },
-        timeout=10,
-    )
+    return {"Authorization": f"Basic {credentials}", "Content-Type": CONTENT_TYPE}
+
+
+def upload(base: str, token: str) -> httpx.Response:
+    return httpx.post(f"{base}/legacy/", content=upload_body(), headers=upload_headers(token), timeout=10)
 
 
 def wait_for(base: str, issuer: TestIssuer, want: int, since: float) -> httpx.Response:
@@ -417,9 +417,10 @@ def test_list_prints_one_revocation_a_line(
 async def test_state_file_that_cannot_be_read_fails_mints_closed(gateway: Gateway, issuer: TestIssuer) -> None:
     """A gateway that cannot read its state file at start refuses to mint (503), rather than ignore revocations."""
     (config_of(gateway).parent / "gateway-state.json").write_text("{not json")
-    response = await gateway.mint(issuer.gitlab_token())
-    assert response.status_code == 503
-    assert error_code(response) == "replay-store-unavailable"
+    for _ in range(2):  # the second, too: a failed read is never taken for an empty state
+        response = await gateway.mint(issuer.gitlab_token())
+        assert response.status_code == 503
+        assert error_code(response) == "replay-store-unavailable"
 
 
 async def test_unreadable_state_keeps_the_last_revocations(gateway: Gateway, issuer: TestIssuer) -> None:
@@ -441,3 +442,42 @@ def test_state_file_setting_is_relative_to_the_config(tmp_path: Path, issuer: Te
     (revocation,) = document["revocations"].values()
     assert revocation["issuer_url"] == issuer.url and revocation["repository"] == "a/b"
     assert not (tmp_path / "gateway-state.json").exists()
+
+
+def test_revoke_with_redis_down_exits_1(tmp_path: Path, issuer: TestIssuer, capsys: pytest.CaptureFixture[str]) -> None:
+    """A revocation that cannot be written to the gateway's Redis exits 1 and says the state is unavailable."""
+    with RedisServer() as redis_server:
+        url = redis_server.url
+    config = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], redis_url=url)
+    assert run(config, "revoke", "--issuer", "gitlab-com", "--repository", "a/b", "--reason", "x") == 1
+    assert "unavailable" in capsys.readouterr().err
+
+
+async def test_upload_tokens_outside_the_window_still_upload(
+    tmp_path: Path, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """/legacy/ refuses an upload token minted inside a revocation's window and forwards one minted after it."""
+    path = gateway_config(tmp_path, issuer, index)
+    settings = config.load(path, {**os.environ, "UPSTREAM_PASSWORD": UPSTREAM_PASSWORD})
+    app = create_app(settings)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://gateway.test")
+    try:
+        before = (await client.post("/_/oidc/mint-token", json={"token": issuer.gitlab_token()})).json()["token"]
+        await app.state.exchange.state.revoke(
+            Revocation(id="r1", issuer_url=issuer.url, repository="group/project", reason="x", until=time.time())
+        )
+        # iat is in whole seconds: the next token is minted in a later second than the window's end.
+        await asyncio.sleep(max(0.0, math.ceil(time.time()) + 0.05 - time.time()) + 1)
+        after = (await client.post("/_/oidc/mint-token", json={"token": issuer.gitlab_token()})).json()["token"]
+        index.received.clear()
+        refused = await client.post("/legacy/", content=upload_body(), headers=upload_headers(before))
+        assert refused.status_code == 403 and "revoked" in refused.text
+        assert index.received == []
+        forwarded = await client.post("/legacy/", content=upload_body(), headers=upload_headers(after))
+        assert forwarded.status_code == 200, forwarded.text
+        assert len(index.received) == 1
+    finally:
+        await client.aclose()
+        await app.state.upload.aclose()
+        await app.state.exchange.keys.aclose()
+        await app.state.exchange.store.aclose()
