@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -361,7 +362,9 @@ class RedisState(_Cached):
 
     async def pins(self) -> list[Pin]:
         pins = []
-        async for name in self.client.scan_iter(match=self.prefix + "pin:*", count=1000):
+        # The prefix is the operator's: its glob characters must match only themselves.
+        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", self.prefix) + "pin:*"
+        async for name in self.client.scan_iter(match=pattern, count=1000):
             held = await self._call(self.client.get(name))
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 pins.append(Pin.from_dict(json.loads(held)))
