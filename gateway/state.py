@@ -526,7 +526,7 @@ class FileState(_Cached):
             document["pins"][pin.key] = asdict(pin)
             return pin, True
 
-        in_force = await self._offload(self._update, record)
+        in_force: Pin = await self._offload(self._update, record)
         self._cache_pin(in_force)
         if in_force is pin:
             audit(
@@ -552,7 +552,7 @@ class FileState(_Cached):
             revocations = _parse_revocations({revocation_id: held}) if held is not None else []
             return (revocations[0] if revocations else None), held is not None
 
-        lifted = await self._offload(self._update, remove)
+        lifted: Revocation | None = await self._offload(self._update, remove)
         self.invalidate()
         return lifted
 
@@ -580,7 +580,7 @@ class FileState(_Cached):
             # A malformed pin is removed too; the caller still learns that something was forgotten.
             return Pin(issuer_url, repository, None, None, 0.0), True
 
-        forgotten = await self._offload(self._update, remove)
+        forgotten: Pin | None = await self._offload(self._update, remove)
         self._pins.pop(key, None)
         self.invalidate()
         return forgotten
