@@ -31,8 +31,9 @@ __all__ = ["RESTART_ONLY", "Runtime", "Services", "build", "key_policy", "restar
 
 # Settings bound into objects that live as long as the process: the Redis connection of the store and of the rate
 # limits (redis_url), the names every shared key is written under (redis_prefix), and the store's fallback
-# (replay_fallback). A reload changing one is refused whole.
-RESTART_ONLY = ("redis_url", "redis_prefix", "replay_fallback")
+# (replay_fallback), and the file pins and revocations live in without Redis (state_file). A reload changing one
+# is refused whole.
+RESTART_ONLY = ("redis_url", "redis_prefix", "replay_fallback", "state_file")
 
 
 @dataclass(frozen=True, slots=True)

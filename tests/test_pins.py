@@ -89,6 +89,16 @@ async def test_pins_outlive_a_reload(make_gateway: Any, issuer: TestIssuer) -> N
     assert "changed identity" in description(await gateway.mint(issuer.gitlab_token(**RECREATED)))
 
 
+async def test_a_reload_moving_the_state_file_is_refused(make_gateway: Any, issuer: TestIssuer) -> None:
+    """state_file is restart-only: a reload naming another file is refused whole, so pins cannot be left behind."""
+    gateway: Gateway = await make_gateway(pinning(issuer))
+    path = gateway.exchange.settings.config_path
+    assert path is not None
+    path.write_text(path.read_text().replace("[gateway]", '[gateway]\nstate_file = "elsewhere.json"', 1))
+    assert not await gateway.app.state.reloader.reload()
+    assert gateway.exchange.settings.state_file == path.parent / "gateway-state.json"
+
+
 async def test_without_pin_on_first_use_ids_are_not_pinned(make_gateway: Any, issuer: TestIssuer) -> None:
     """An issuer without pin_on_first_use records nothing and mints for changed ids."""
     gateway: Gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
