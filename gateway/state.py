@@ -5,10 +5,11 @@ issued at this time?) from an in-process copy, refreshed at most once a second, 
 Redis or the disk for them. What changes the state (the CLI, a first mint) writes through to the shared place at
 once; every replica notices within about a second, because the first check after a second goes to look:
 
-    RedisState  `{prefix}revocations` (a hash: id -> revocation, and `~version`, bumped in the same transaction
-                as each change), `{prefix}pin:<sha256>` (one key per pinned repository, written with a first-writer-
-                wins script) and `{prefix}pins:version` (bumped by `pins forget`). Every command touches one key,
-                so it works on Redis Cluster too.
+    RedisState  `{prefix}revocations` (one JSON document, changed only by compare-and-set, so two operators
+                revoking at once lose nothing), `{prefix}pin:<sha256>` (one key per pinned repository, written with
+                a first-writer-wins script) and `{prefix}pins:version` (a new random value on each `pins forget`).
+                Every command touches one key, so it works on Redis Cluster too, and the commands are only GET,
+                SET, DEL and EVAL (with SCAN for `pins list`): what a Redis user limited to the prefix may run.
     FileState   `[gateway] state_file`, a JSON document replaced atomically (temporary file + rename) under an
                 exclusive lock (flock on `<state_file>.lock`), so the CLI and several processes never lose each
                 other's writes; the running gateway notices a changed file by its stat.
@@ -59,7 +60,6 @@ T = TypeVar("T")
 REFRESH = 1.0
 # Pins kept in process; beyond, the oldest are dropped and read again from the shared place when needed.
 MAX_CACHED_PINS = 200_000
-_VERSION = "~version"
 
 
 class StateUnavailable(Exception):
@@ -262,6 +262,15 @@ class RedisState(_Cached):
         redis.call('set', KEYS[1], ARGV[1])
         return ARGV[1]
     """
+    # Compare-and-set: write ARGV[2] only if the key still holds ARGV[1] ('' for no key). A change to the
+    # revocations is read, made and written back this way, and retried if someone else wrote in between.
+    _SWAP = """
+        local held = redis.call('get', KEYS[1]) or ''
+        if held ~= ARGV[1] then return 0 end
+        redis.call('set', KEYS[1], ARGV[2])
+        return 1
+    """
+    _SWAP_TRIES = 20
 
     def __init__(
         self,
@@ -278,7 +287,7 @@ class RedisState(_Cached):
         self.prefix = prefix
         self.deadline = deadline
         self.on_error = on_error
-        self._revocations_version: bytes | None = None
+        self._revocations_seen: bytes | None = None
         self._pins_version: bytes | None = None
 
     @property
@@ -298,19 +307,19 @@ class RedisState(_Cached):
             raise StateUnavailable(str(e) or type(e).__name__) from None
 
     async def _load(self) -> None:
-        # Two keys (two slots on a cluster), asked at once: one round trip of waiting.
-        revocations_version, pins_version = await asyncio.gather(
-            self._call(self.client.hget(self._revocations_key, _VERSION)),
+        # Two keys (two slots on a cluster), asked at once: one round trip of waiting. The revocations are a
+        # small document; it is parsed again only when its bytes changed.
+        held, pins_version = await asyncio.gather(
+            self._call(self.client.get(self._revocations_key)),
             self._call(self.client.get(self._pins_version_key)),
         )
         if pins_version != self._pins_version:
             # A pin was forgotten somewhere: drop every cached pin, so the next mint reads it again.
             self._pins.clear()
             self._pins_version = pins_version
-        if revocations_version != self._revocations_version or not self._loaded:
-            entries = await self._call(self.client.hgetall(self._revocations_key))
-            self._set_revocations(_parse_revocations(entries))
-            self._revocations_version = revocations_version
+        if held != self._revocations_seen or not self._loaded:
+            self._set_revocations(_parse_revocations(_revocations_document(held)))
+            self._revocations_seen = held
 
     async def pin(self, pin: Pin) -> tuple[Pin, bool]:
         await self.fresh()
@@ -335,30 +344,36 @@ class RedisState(_Cached):
             )
         return in_force, held == value
 
+    async def _change_revocations(self, change: Callable[[dict[str, Any]], T]) -> T:
+        """Apply `change` to the revocations document atomically (compare-and-set, retried on a race)."""
+        for _ in range(self._SWAP_TRIES):
+            held = await self._call(self.client.get(self._revocations_key))
+            document = _revocations_document(held)
+            result = change(document)
+            value = json.dumps({"revocations": document}, separators=(",", ":"), sort_keys=True)
+            old = held.decode() if isinstance(held, bytes) else (held or "")
+            if await self._call(self.client.eval(self._SWAP, 1, self._revocations_key, old, value)):
+                self.invalidate()
+                return result
+        raise StateUnavailable("the revocations kept changing under this update; try again")
+
     async def revoke(self, revocation: Revocation) -> None:
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(self._revocations_key, revocation.id, revocation.to_json())
-            pipe.hincrby(self._revocations_key, _VERSION, 1)
-            await self._call(pipe.execute())
-        self.invalidate()
+        def add(document: dict[str, Any]) -> None:
+            document[revocation.id] = asdict(revocation)
+
+        await self._change_revocations(add)
 
     async def lift(self, revocation_id: str) -> Revocation | None:
-        if revocation_id == _VERSION:
-            return None
-        held = await self._call(self.client.hget(self._revocations_key, revocation_id))
-        if held is None:
-            return None
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hdel(self._revocations_key, revocation_id)
-            pipe.hincrby(self._revocations_key, _VERSION, 1)
-            removed, _ = await self._call(pipe.execute())
-        self.invalidate()
-        revocations = _parse_revocations({revocation_id: held})
-        return revocations[0] if removed and revocations else None
+        def remove(document: dict[str, Any]) -> Revocation | None:
+            held = document.pop(revocation_id, None)
+            revocations = _parse_revocations({revocation_id: held}) if held is not None else []
+            return revocations[0] if revocations else None
+
+        return await self._change_revocations(remove)
 
     async def revocations(self) -> list[Revocation]:
-        entries = await self._call(self.client.hgetall(self._revocations_key))
-        return sorted(_parse_revocations(entries), key=lambda r: r.created)
+        held = await self._call(self.client.get(self._revocations_key))
+        return sorted(_parse_revocations(_revocations_document(held)), key=lambda r: r.created)
 
     async def pins(self) -> list[Pin]:
         pins = []
@@ -376,12 +391,13 @@ class RedisState(_Cached):
         if held is None:
             return None
         await self._call(self.client.delete(name))
-        await self._call(self.client.incr(self._pins_version_key))
+        # A new value, not a count: replicas only compare it with the one they saw.
+        await self._call(self.client.set(self._pins_version_key, secrets.token_hex(8)))
         self._pins.pop(pin_key(issuer_url, repository), None)
         self.invalidate()
         with contextlib.suppress(ValueError, KeyError, TypeError):
             return Pin.from_dict(json.loads(held))
-        return None
+        return Pin(issuer_url, repository, None, None, 0.0)
 
     async def aclose(self) -> None:
         # The client belongs to the replay store, which closes it.
@@ -622,11 +638,24 @@ async def upload_refusal(state: State, claims: Mapping[str, Any]) -> tuple[int, 
     )
 
 
+def _revocations_document(held: bytes | str | None) -> dict[str, Any]:
+    """The revocations stored in Redis, by id ({} for none); a document that cannot be read is an error, never an
+    empty list (that would lift every revocation)."""
+    if held is None:
+        return {}
+    try:
+        document = json.loads(held)
+        revocations = document["revocations"]
+    except (ValueError, KeyError, TypeError):
+        raise StateUnavailable("the revocations stored in Redis are malformed; fix or delete the key") from None
+    if not isinstance(revocations, dict):
+        raise StateUnavailable("the revocations stored in Redis are malformed; fix or delete the key")
+    return revocations
+
+
 def _parse_revocations(entries: Mapping[Any, Any]) -> list[Revocation]:
     revocations = []
     for name, value in entries.items():
-        if (name.decode() if isinstance(name, bytes) else name) == _VERSION:
-            continue
         try:
             data = json.loads(value) if isinstance(value, str | bytes) else value
             revocations.append(Revocation.from_dict(data))

@@ -22,11 +22,12 @@ import pytest
 from gateway import config
 from gateway.__main__ import main
 from gateway.app import create_app
-from gateway.state import FileState, RedisState, pin_key
+from gateway.state import FileState, RedisState, Revocation, pin_key
 from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer, write_config
 from tests.processes import GatewayProcess, gateway_environ, stop_all
 from tests.redis_server import REDIS_SERVER, RedisServer
+from tests.test_fleet import acl_user
 
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
@@ -315,3 +316,26 @@ async def test_redis_state_keys_live_under_the_prefix(tmp_path: Path, issuer: Te
             await app.state.exchange.store.aclose()
             await app.state.exchange.keys.aclose()
             await app.state.upload.aclose()
+
+
+@needs_redis
+async def test_pins_and_revocations_work_under_the_documented_acl_user(make_gateway: Any, issuer: TestIssuer) -> None:
+    """Under a Redis user allowed only its prefix and the commands README's ACL line lists, a gateway pins,
+    refuses a changed id, honours a revocation and its lifting, and forgets a pin, without a Redis error."""
+    with RedisServer() as redis_server:
+        url = acl_user(redis_server, "deploy", "staging:")
+        gateway: Gateway = await make_gateway(pinning(issuer), redis_url=url, redis_prefix="staging:")
+        state = gateway.exchange.state
+        assert isinstance(state, RedisState)
+        assert (await gateway.mint(issuer.gitlab_token())).status_code == 200
+        assert "changed identity" in description(await gateway.mint(issuer.gitlab_token(**RECREATED)))
+        revocation = Revocation(id="r1", issuer_url=issuer.url, repository="group/project", reason="incident")
+        await state.revoke(revocation)
+        assert "incident" in description(await gateway.mint(issuer.gitlab_token()))
+        assert await state.lift("r1") == revocation
+        assert (await gateway.mint(issuer.gitlab_token())).status_code == 200
+        assert await state.forget(issuer.url, "group/project") is not None
+        assert (await gateway.mint(issuer.gitlab_token(**RECREATED))).status_code == 200
+        with redis_server.client() as inspect:
+            names = [key.decode() for key in inspect.scan_iter(match="*")]
+        assert all(name.startswith("staging:") for name in names), names

@@ -481,3 +481,17 @@ async def test_upload_tokens_outside_the_window_still_upload(
         await app.state.upload.aclose()
         await app.state.exchange.keys.aclose()
         await app.state.exchange.store.aclose()
+
+
+async def test_concurrent_revocations_in_redis_lose_nothing(make_gateway: Any, issuer: TestIssuer) -> None:
+    """Many revocations written to Redis at once (compare-and-set on one document) are all kept."""
+    with RedisServer() as redis_server:
+        gateway: Gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)}, redis_url=redis_server.url)
+        state = gateway.exchange.state
+        await asyncio.gather(
+            *(
+                state.revoke(Revocation(id=f"r{n}", issuer_url=issuer.url, repository=f"g/p{n}", reason="x"))
+                for n in range(10)
+            )
+        )
+        assert sorted(r.id for r in await state.revocations()) == sorted(f"r{n}" for n in range(10))
