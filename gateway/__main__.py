@@ -128,10 +128,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "1 with a message otherwise.",
     )
     pins_commands = pins.add_subparsers(dest="pins_command", required=True)
-    pins_list = pins_commands.add_parser("list", help="one pin a line")
+    pins_list = pins_commands.add_parser(
+        "list",
+        help="one pin a line",
+        description="Print every pin, one a line: issuer, repository, repository_id, owner_id and when it was "
+        "pinned. Exit status: 0, or 1 with a message when the state cannot be read.",
+    )
     _config_argument(pins_list)
     pins_forget = pins_commands.add_parser(
-        "forget", help="forget a repository's pin: its next successful mint pins it again"
+        "forget",
+        help="forget a repository's pin: its next successful mint pins it again",
+        description="Forget the pin of one repository (after checking that its new ids are rightful: a re-created "
+        "project, a transferred owner); its next successful mint pins the ids it then carries. Exit status: 0, or "
+        "1 with a message (no such issuer, no pin for that repository, state unavailable).",
     )
     _config_argument(pins_forget)
     pins_forget.add_argument("--issuer", help="the issuer's name in [issuers]")
