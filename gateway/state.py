@@ -522,8 +522,13 @@ class FileState(_Cached):
         self._set_revocations(_parse_revocations(document["revocations"]))
         pins = {}
         for key, data in document["pins"].items():
-            with contextlib.suppress(ValueError, KeyError, TypeError):
+            try:
                 pins[key] = Pin.from_dict(data)
+            except (ValueError, KeyError, TypeError):
+                # Not cached, so a mint for it reads the file again and fails closed on the same entry.
+                log.error(
+                    "malformed pin %s in %s; mints of its repository are refused until it is fixed", key, self.path
+                )
         self._pins = pins
 
     async def pin(self, pin: Pin) -> tuple[Pin, bool]:
