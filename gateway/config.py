@@ -6,7 +6,6 @@ config in one pass. A config with any problem is refused whole.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -23,9 +22,11 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, Key, OKPKey, import_key
 
 from .errors import ConfigError
-from .issuers import KINDS
+from .issuers import KINDS, DenyValue
+from .issuers import Issuer as Issuer  # re-exported: the record lives with the kinds, which must not import config
 from .jose import MAX_LIFETIME
-from .publishers import Publisher, normalize_project, under_namespaces
+from .publishers import Publisher, normalize_project, ref_pattern_problem, under_namespaces
+from .tables import Problems, Table, did_you_mean
 
 DEFAULT_CONFIG = "issuers.toml"
 # The largest `leeway` a config may set. Spent jtis are remembered until exp + MAX_LEEWAY (exchange.py), so no
@@ -42,27 +43,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*-----END CERTIFICATE-----")
 _REDIS_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _PROJECT = re.compile(r"[A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9]", re.IGNORECASE)
-
-
-@dataclass(frozen=True, slots=True)
-class Issuer:
-    name: str
-    url: str
-    kind: str
-    namespaces: tuple[str, ...] = ()
-    ca_bundle: Path | None = None
-    # The bundle's certificates as read when the config was loaded: the trust the fetcher uses, and part of the
-    # issuer's identity in shared state (keys.fetch.trust_id), so a bundle with other certificates is another issuer.
-    ca_pem: bytes | None = field(default=None, repr=False)
-    algorithms: tuple[str, ...] = ("RS256",)
-    # Policy for every kind: a suspended issuer keeps its publishers but mints nothing.
-    enabled: bool = True
-    require_protected_ref: bool = False
-    runner_environments: tuple[str, ...] | None = None
-    # Record a repository's ids at its first mint and refuse later tokens with others (gateway.state).
-    pin_on_first_use: bool = False
-    # What the kind read from its own keys (Kind.options), e.g. the generic kind's claim mapping.
-    options: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +103,7 @@ def load(path: Path | str, environ: Mapping[str, str] = os.environ, *, uploads: 
     [upstream] password may then be unset, and such a config has no upstream."""
     # Absolute, so relative paths inside the config mean the same thing whatever the working directory later.
     path = Path(path).absolute()
-    problems = _Problems()
+    problems = Problems()
     raw = _read_toml(path, problems)
     if raw is None:
         raise ConfigError(problems.lines)
@@ -133,15 +113,7 @@ def load(path: Path | str, environ: Mapping[str, str] = os.environ, *, uploads: 
     return settings
 
 
-class _Problems:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, file: Path, where: str, message: str) -> None:
-        self.lines.append(f"{file.name}: {where}: {message}")
-
-
-def _read_toml(path: Path, problems: _Problems) -> dict[str, Any] | None:
+def _read_toml(path: Path, problems: Problems) -> dict[str, Any] | None:
     try:
         text = path.read_text("utf-8")
     except FileNotFoundError:
@@ -159,83 +131,8 @@ def _read_toml(path: Path, problems: _Problems) -> dict[str, Any] | None:
     return document
 
 
-class Table:
-    """Typed access to one TOML table that records problems instead of raising, and flags unknown keys.
-
-    Issuer kinds read their own keys through it (`Kind.options`), so their problems read like everyone else's.
-    """
-
-    def __init__(self, data: Mapping[str, Any], file: Path, where: str, problems: _Problems) -> None:
-        self.data = data
-        self.file = file
-        self.where = where
-        self.problems = problems
-        self.seen: set[str] = set()
-
-    def problem(self, key: str, message: str) -> None:
-        self.problems.add(self.file, f"{self.where} {key}", message)
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, *, required: bool = False) -> Any:
-        self.seen.add(key)
-        if key not in self.data:
-            if required:
-                self.problem(key, "is required")
-            return default
-        value = self.data[key]
-        # bool is an int in Python; a `true` where a number belongs is a typo, not a 1.
-        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-            self.problem(key, f"must be {_type_name(kind)} (got {type(value).__name__})")
-            return default
-        return value
-
-    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
-        value = self.get(key, str, default, required=required)
-        if isinstance(value, str) and not value.strip():
-            self.problem(key, "must not be empty")
-            return default
-        return value  # type: ignore[no-any-return]
-
-    def number(
-        self, key: str, default: float, *, minimum: float, maximum: float = 10**12, integer: bool = True
-    ) -> Any:
-        value = self.get(key, int if integer else (int, float), default)
-        # `not (a <= v <= b)` rather than `v < a`: nan and inf are TOML floats, and fail every comparison.
-        if not (minimum <= value <= maximum):
-            self.problem(key, f"must be between {minimum} and {maximum} (got {value})")
-            return default
-        return value
-
-    def strings(self, key: str) -> tuple[str, ...] | None:
-        value = self.get(key, list)
-        if value is None:
-            return None
-        if not all(isinstance(item, str) and item for item in value):
-            self.problem(key, "must be a list of non-empty strings")
-            return None
-        return tuple(value)
-
-    def finish(self) -> None:
-        for key in sorted(set(self.data) - self.seen):
-            self.problem(key, "unknown key" + did_you_mean(key, self.seen))
-
-
-def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the known name nearest to a misspelt `name`, or '' when none is near."""
-    close = difflib.get_close_matches(name, sorted(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def _type_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
-    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
-
-
 def _validate(
-    raw: Mapping[str, Any], path: Path, environ: Mapping[str, str], problems: _Problems, *, uploads: bool = True
+    raw: Mapping[str, Any], path: Path, environ: Mapping[str, str], problems: Problems, *, uploads: bool = True
 ) -> Settings | None:
     base = path.parent
     tables = {"gateway", "issuers", "upstream"}
@@ -349,7 +246,7 @@ def _validate(
 
 
 def _upstream(
-    raw: Any, path: Path, environ: Mapping[str, str], problems: _Problems, *, uploads: bool = True
+    raw: Any, path: Path, environ: Mapping[str, str], problems: Problems, *, uploads: bool = True
 ) -> Upstream | None:
     if not isinstance(raw, dict):
         problems.add(path, "[upstream]", "must be a table")
@@ -467,7 +364,7 @@ def is_base_url(url: str, schemes: Iterable[str]) -> bool:
     )
 
 
-def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[str, Issuer]:
+def _issuers(raw: Mapping[str, Any], path: Path, problems: Problems) -> dict[str, Issuer]:
     issuers: dict[str, Issuer] = {}
     urls: dict[str, str] = {}
     for name, table in raw.items():
@@ -487,6 +384,10 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
         require_protected_ref = t.get("require_protected_ref", bool, False)
         runner_environments = t.strings("runner_environments")
         pin_on_first_use = t.get("pin_on_first_use", bool, False)
+        require_pins = t.get("require_pins", bool, False)
+        # Read only when present: a wrong type is reported (and the config refused), the default never used.
+        max_token_age = t.number("max_token_age", 1, minimum=1) if "max_token_age" in t.data else None
+        deny = _deny(t)
         read_options = KINDS[kind].options if kind in KINDS else None
         options = read_options(t) if read_options is not None else None
         t.finish()
@@ -526,9 +427,29 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: _Problems) -> dict[st
                 require_protected_ref=require_protected_ref,
                 runner_environments=runner_environments,
                 pin_on_first_use=pin_on_first_use,
+                require_pins=require_pins,
+                max_token_age=max_token_age,
+                deny=deny,
                 options=options,
             )
     return issuers
+
+
+def _deny(t: Table) -> tuple[tuple[str, tuple[DenyValue, ...]], ...]:
+    d = t.table("deny")
+    if d is None:
+        return ()
+    deny = []
+    for claim, values in d.data.items():
+        d.seen.add(claim)
+        if not isinstance(values, list) or not values:
+            d.problem(claim, "must be a non-empty list of the claim values that refuse a token")
+        elif not all(isinstance(value, str | int) for value in values):
+            # Floats and tables are left out: their JSON equality is not what an operator would expect.
+            d.problem(claim, "values must be strings, integers or true/false")
+        else:
+            deny.append((claim, tuple(values)))
+    return tuple(deny)
 
 
 def _pem_certificates(path: Path) -> bytes | None:
@@ -550,7 +471,7 @@ def _pem_certificates(path: Path) -> bytes | None:
     return pem
 
 
-def _signing_key(file: Path, path: Path, where: str, problems: _Problems, *, private: bool = True) -> Key | None:
+def _signing_key(file: Path, path: Path, where: str, problems: Problems, *, private: bool = True) -> Key | None:
     def fail(message: str) -> None:
         problems.add(path, where, f"{file}: {message}")
 
@@ -578,7 +499,7 @@ def _signing_key(file: Path, path: Path, where: str, problems: _Problems, *, pri
     return key
 
 
-def _publishers(file: Path, issuers: Mapping[str, Issuer], problems: _Problems) -> tuple[Publisher, ...]:
+def _publishers(file: Path, issuers: Mapping[str, Issuer], problems: Problems) -> tuple[Publisher, ...]:
     raw = _read_toml(file, problems)
     if raw is None:
         return ()
@@ -600,7 +521,7 @@ def _publishers(file: Path, issuers: Mapping[str, Issuer], problems: _Problems) 
 
 
 def _publisher(
-    entry: Mapping[str, Any], file: Path, where: str, issuers: Mapping[str, Issuer], problems: _Problems
+    entry: Mapping[str, Any], file: Path, where: str, issuers: Mapping[str, Issuer], problems: Problems
 ) -> Publisher | None:
     t = Table(entry, file, where, problems)
     issuer_name = t.string("issuer", required=True)
@@ -608,6 +529,8 @@ def _publisher(
     workflow = t.string("workflow", required=True)
     environment = t.string("environment")
     owner_id = t.string("owner_id")
+    repository_id = t.string("repository_id")
+    refs = t.strings("refs")
     projects = t.strings("projects")
     if projects is None and "projects" not in entry:
         t.problem("projects", "is required")
@@ -636,12 +559,31 @@ def _publisher(
         if problem is not None:
             t.problem("workflow", problem)
             workflow = None
+    if refs == ():
+        t.problem("refs", "must name at least one ref pattern (leave it out to accept every ref)")
+    for pattern in refs or ():
+        problem = ref_pattern_problem(pattern)
+        if problem is not None:
+            t.problem("refs", problem)
+            refs = None
+    if issuer is not None and issuer.require_pins:
+        for key, value in (("repository_id", repository_id), ("owner_id", owner_id)):
+            if value is None:
+                t.problem(
+                    key,
+                    f"is required: [issuers.{issuer.name}] require_pins = true. Run `gateway explain TOKEN` on an "
+                    "ID token from this repository's CI job (or read the project_id and namespace_id claims for "
+                    "GitLab, repository_id and repository_owner_id for GitHub); it prints the repository_id and "
+                    "owner_id to pin",
+                )
     for project in projects or ():
         if not _PROJECT.fullmatch(project):
             t.problem("projects", f"{project!r} is not a valid project name")
             projects = None
     if projects == ():
         t.problem("projects", "must name at least one project")
+    if "refs" in entry and refs is None:
+        return None
     if issuer_name is None or issuer is None or repository is None or workflow is None or not projects:
         return None
     return Publisher(
@@ -650,6 +592,8 @@ def _publisher(
         workflow=workflow,
         environment=environment,
         owner_id=owner_id,
+        repository_id=repository_id,
+        refs=refs,
         projects=tuple(dict.fromkeys(normalize_project(p) for p in projects)),
     )
 

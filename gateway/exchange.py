@@ -14,17 +14,37 @@ publisher it would match. The pin is checked once a publisher matched, and the f
 wins, in the shared store): a repository deleted and re-created under the same path (new numeric ids) cannot
 inherit the publisher. A pin that is due but cannot be recorded fails the mint closed, like a jti that cannot be
 spent.
+
+The checks, in order (each a call into its own module or function):
+  1. peek: `iss` -> configured Issuer (exact match, no I/O for an unknown one); suspended issuer refused.
+  2. algorithm allowed for the issuer; key by kid (keys.py); signature and registered claims (jose.py).
+  3. check_age: `[issuers.X] max_token_age` on `iat` (invalid-token): a leaked token stops working early.
+  4. the kind's claims -> Identity (issuers/): kind-specific refusals (fork pipelines, pull_request_target...).
+  5. check_policy: the issuer's rules on the identity and raw claims, whatever publisher would match
+     (namespaces, protected ref, runner environment, `[issuers.X.deny]`).
+     Then the per-repository rate limit is counted (every verified attempt, matched or not), and revocations
+     checked (check_revoked): they refuse whatever would match.
+  6. match: publishers of this issuer and repository, field by field (publishers.compare: workflow,
+     environment, repository_id, owner_id, refs); then check_match: the kind's last word on the match
+     (GitLab require_protected_environment), with no fallback to another publisher.
+     Then the pin on first use (check_pin), which compares ids once a publisher matched.
+  7. the upload token's claims built and encoded, the jti spent (only now, so a token refused above stays usable
+     once fixed), then the upload token signed.
+Steps 3 to 6, without revocations and pins (operator state, not config), are pure functions of (settings, claims,
+time): `decide` runs them, and `check --replay` (replay.py) re-runs them against another config.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from .config import MAX_LEEWAY, Issuer, Settings
-from .errors import InvalidPayload, InvalidPublisher, ReplayStoreUnavailable, ReusedToken
+from .config import MAX_LEEWAY, Settings
+from .errors import InvalidPayload, InvalidPublisher, InvalidToken, ReplayStoreUnavailable, ReusedToken
 from .identity import Identity
-from .issuers import KINDS
+from .issuers import KINDS, Issuer
 from .jose import VerifiedClaims, Verifier, peek
 from .keys.cache import Keys
 from .mint import Minted, Signer
@@ -49,6 +69,9 @@ class Attempt:
     # The revocation that refused this attempt, and what its pin check did ("recorded", "held", "changed").
     revocation: str | None = None
     pin: str | None = None
+    # The verified claims (set once the signature held) and the time they were judged at, for replay.
+    claims: VerifiedClaims | None = None
+    at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,15 +153,16 @@ class Exchange:
         # Keyed by the issuer's URL (what signed it), not its config name, so renaming an issuer in a reload
         # cannot make spent tokens new again.
         attempt.jti = jti_key(issuer.url, claims["jti"])
+        attempt.claims, attempt.at = claims, self.clock()
+        check_age(issuer, claims, attempt.at)
         identity = KINDS[issuer.kind].identity(issuer, claims)
         attempt.identity = identity
-        check_policy(issuer, identity)
+        check_policy(issuer, claims, identity)
         return Verified(issuer=issuer, claims=claims, identity=identity)
 
     def match(self, verified: Verified, *, runtime: Runtime | None = None) -> Match:
-        kind = KINDS[verified.issuer.kind]
         publishers = (runtime or self.runtime).publishers
-        return publishers.match(verified.identity, environment_case_sensitive=kind.environment_case_sensitive)
+        return match(publishers, verified.issuer, verified.claims, verified.identity)
 
     async def exchange(self, raw: str, attempt: Attempt | None = None) -> Exchanged:
         attempt = attempt if attempt is not None else Attempt()
@@ -237,8 +261,43 @@ def missing_token(audience: str) -> str:
     )
 
 
-def check_policy(issuer: Issuer, identity: Identity) -> None:
+def decide(
+    publishers: Publishers, issuer: Issuer, claims: Mapping[str, Any], at: float
+) -> tuple[Identity, Match]:
+    """Steps 3 to 6 of the exchange for claims whose signature already held: the identity and what it matches."""
+    check_age(issuer, claims, at)
+    identity = KINDS[issuer.kind].identity(issuer, claims)
+    check_policy(issuer, claims, identity)
+    return identity, match(publishers, issuer, claims, identity)
+
+
+def match(publishers: Publishers, issuer: Issuer, claims: Mapping[str, Any], identity: Identity) -> Match:
+    kind = KINDS[issuer.kind]
+    result = publishers.match(identity, environment_case_sensitive=kind.environment_case_sensitive)
+    if kind.check_match is not None:
+        kind.check_match(issuer, claims, result)
+    return result
+
+
+def check_age(issuer: Issuer, claims: Mapping[str, Any], now: float) -> None:
+    """`max_token_age`: a token older than that is refused, with no leeway, however far away its `exp` is.
+
+    CI platforms issue ID tokens that live for hours; a token leaked from a job log stays valid that long. The
+    operator caps how long after issuing a token may still be exchanged (jobs exchange theirs at once).
+    """
+    if issuer.max_token_age is None:
+        return
+    age = now - claims["iat"]
+    if age > issuer.max_token_age:
+        raise InvalidToken(
+            f"token was issued {int(age)} s ago; issuer {issuer.name!r} accepts tokens at most "
+            f"{issuer.max_token_age} s old (request a fresh ID token in the job that publishes)"
+        )
+
+
+def check_policy(issuer: Issuer, claims: Mapping[str, Any], identity: Identity) -> None:
     """The operator's rules for every token of an issuer, whichever publisher it would match."""
+    check_deny(issuer, claims)
     if issuer.namespaces and not under_namespaces(identity.repository, issuer.namespaces):
         raise InvalidPublisher(
             f"repository {identity.repository!r} is outside the namespaces this gateway trusts for issuer "
@@ -259,3 +318,21 @@ def check_policy(issuer: Issuer, identity: Identity) -> None:
 def _pinned_statically(publisher: Publisher) -> bool:
     """A publisher that names both ids is pinned by its operator; the dynamic pin would add nothing."""
     return publisher.owner_id is not None and getattr(publisher, "repository_id", None) is not None
+
+
+def check_deny(issuer: Issuer, claims: Mapping[str, Any]) -> None:
+    """`[issuers.X.deny]`: a raw claim equal to a listed value (or a list claim holding one) refuses the token.
+
+    Compared as JSON values, types included: `true` is not "true", and 1 is not true.
+    """
+    for name, values in issuer.deny:
+        if name not in claims:
+            continue
+        value = claims[name]
+        candidates = value if isinstance(value, list) else [value]
+        for candidate in candidates:
+            if any(type(candidate) is type(denied) and candidate == denied for denied in values):
+                raise InvalidPublisher(
+                    f"claim {name!r} is {json.dumps(candidate)[:200]}, which issuer {issuer.name!r} refuses "
+                    f"([issuers.{issuer.name}.deny] {name})"
+                )

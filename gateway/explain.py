@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 
 from .app import create_app
-from .config import Issuer, Settings
+from .config import Settings
 from .errors import GatewayError, IssuerUnavailable
 from .exchange import Exchange, Verified
 from .identity import FIELDS
-from .issuers import KINDS
+from .issuers import KINDS, Issuer
 from .jose import peek
 from .mint import generate_key
 from .publishers import Publisher, compare

@@ -17,6 +17,9 @@ class Identity:
     owner_id: str | None = None
     workflow: str | None = None
     ref: str | None = None
+    # The full ref (`refs/heads/main`, `refs/tags/v1`), which publisher `refs` patterns match; `ref` is its
+    # short name for branches and tags.
+    ref_path: str | None = None
     ref_type: str | None = None
     sha: str | None = None
     environment: str | None = None

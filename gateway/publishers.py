@@ -6,6 +6,7 @@ Only publishers of the token's own issuer and repository are ever looked at: a l
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,10 @@ class Publisher:
     projects: tuple[str, ...]
     environment: str | None = None
     owner_id: str | None = None
+    # Pins against resurrection: a project deleted and re-created under the same path gets a new id.
+    repository_id: str | None = None
+    # Patterns the job's full ref must match (one of them), or None for any ref.
+    refs: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +89,52 @@ def compare(
         Comparison("workflow", publisher.workflow, identity.workflow, identity.workflow == publisher.workflow),
         Comparison("environment", publisher.environment or "(any)", env_got, env_ok),
     ]
+    if publisher.repository_id is not None:
+        comparisons.append(
+            Comparison(
+                "repository_id",
+                publisher.repository_id,
+                identity.repository_id,
+                identity.repository_id == publisher.repository_id,
+            )
+        )
     if publisher.owner_id is not None:
         comparisons.append(
             Comparison("owner_id", publisher.owner_id, identity.owner_id, identity.owner_id == publisher.owner_id)
         )
+    if publisher.refs is not None:
+        comparisons.append(
+            Comparison(
+                "refs",
+                " or ".join(publisher.refs),
+                identity.ref_path,
+                identity.ref_path is not None
+                and any(ref_pattern(pattern).fullmatch(identity.ref_path) for pattern in publisher.refs),
+            )
+        )
     return tuple(comparisons)
+
+
+def ref_pattern_problem(pattern: str) -> str | None:
+    """What is wrong with a publisher's `refs` pattern, or None."""
+    if not pattern.startswith("refs/"):
+        return f"{pattern!r} must be a full ref pattern like 'refs/tags/v*' or 'refs/heads/main'"
+    if any(c.isspace() for c in pattern) or not pattern.isascii():
+        return f"{pattern!r} must be ASCII without whitespace"
+    if "//" in pattern or pattern.endswith("/"):
+        return f"{pattern!r} has an empty path segment"
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def ref_pattern(pattern: str) -> re.Pattern[str]:
+    """`**` matches across path segments, `*` within one; everything else is literal (no `?`, no classes)."""
+    parts = []
+    for i, chunk in enumerate(pattern.split("**")):
+        if i:
+            parts.append(".*")
+        parts.append("[^/]*".join(re.escape(piece) for piece in chunk.split("*")))
+    return re.compile("".join(parts), re.DOTALL)
 
 
 class Publishers:

@@ -161,6 +161,7 @@ async def test_minted_identity_has_normalized_github_fields(hub: Gateway, issuer
         "owner_id": "91482733",
         "workflow": "release.yml",
         "ref": "v1.4.0",
+        "ref_path": "refs/tags/v1.4.0",
         "ref_type": "tag",
         "sha": SHA,
         "environment": "pypi",

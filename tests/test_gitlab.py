@@ -419,6 +419,7 @@ async def test_minted_identity_has_normalized_gitlab_fields(gateway: Gateway, is
         "owner_id": "12885807",
         "workflow": ".gitlab-ci.yml",
         "ref": "v1.0",
+        "ref_path": "refs/tags/v1.0",
         "ref_type": "tag",
         "sha": SHA,
         "environment": "production",

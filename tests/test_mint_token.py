@@ -96,6 +96,7 @@ async def test_minted_token_verifies_with_the_published_jwks(
         "owner_id": "12885807",
         "workflow": ".gitlab-ci.yml",
         "ref": "main",
+        "ref_path": "refs/heads/main",
         "ref_type": "branch",
         "sha": "a3f1c9e07b52d48e6f0c2b9d17e4a85c3b6d0f92",
         "environment": None,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .base import Kind
+from .base import DenyValue, Issuer, Kind
 from .generic import GENERIC
 from .github import GITHUB
 from .gitlab import GITLAB
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (GITLAB, GITHUB, GENERIC)}
 
-__all__ = ["KINDS", "Kind"]
+__all__ = ["KINDS", "DenyValue", "Issuer", "Kind"]

@@ -1,14 +1,52 @@
+"""What every issuer kind shares: the configured Issuer record, the Kind interface, claim type checks.
+
+Nothing here imports config: config imports the kinds and hands them their `[issuers.X]` table (a `tables.Table`)
+to read their own keys from, so the import arrow runs one way (config -> issuers -> publishers, tables, identity).
+"""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from ..errors import InvalidToken
 from ..identity import Identity
+from ..publishers import Match
+from ..tables import Table
 
-if TYPE_CHECKING:
-    from ..config import Issuer, Table
+# A value a `[issuers.X.deny]` list may hold: what TOML and JSON share exactly.
+DenyValue = str | int | bool
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """One `[issuers.NAME]` table as validated by config."""
+
+    name: str
+    url: str
+    kind: str
+    namespaces: tuple[str, ...] = ()
+    ca_bundle: Path | None = None
+    # The bundle's content as read when the config was loaded: the trust the fetcher uses, and part of the
+    # issuer's identity in shared state (keys.fetch.trust_id), so a changed file is a changed issuer.
+    ca_pem: bytes | None = field(default=None, repr=False)
+    algorithms: tuple[str, ...] = ("RS256",)
+    # Policy for every kind: a suspended issuer keeps its publishers but mints nothing.
+    enabled: bool = True
+    require_protected_ref: bool = False
+    runner_environments: tuple[str, ...] | None = None
+    # Record a repository's ids at its first mint and refuse later tokens with others (gateway.state).
+    pin_on_first_use: bool = False
+    # Every publisher of this issuer must pin repository_id and owner_id (checked at load).
+    require_pins: bool = False
+    # Seconds after `iat` a token is still accepted (no leeway), or None for no limit beyond `exp`.
+    max_token_age: int | None = None
+    # Raw claim -> values that refuse a token, in file order.
+    deny: tuple[tuple[str, tuple[DenyValue, ...]], ...] = ()
+    # What the kind read from its own keys (Kind.options), e.g. the generic kind's claim mapping.
+    options: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +57,8 @@ class Kind:
     `known_claims` are the claims the kind either maps or deliberately ignores, for `explain` and claim-drift
     tests; `workflow_problem` checks a publisher's `workflow` at load; `options`, if set, reads the kind's own
     keys from its `[issuers.X]` table (problems are reported through the table) and returns what `identity`
-    finds as `issuer.options`.
+    finds as `issuer.options`; `check_match`, if set, is the kind's last word on a match (raising
+    InvalidPublisher), given the raw claims.
     """
 
     name: str
@@ -29,6 +68,9 @@ class Kind:
     options: Callable[[Table], Any] | None = None
     # What is wrong with a publisher's `workflow` for this kind (checked at load), or None.
     workflow_problem: Callable[[str], str | None] | None = None
+    check_match: Callable[[Issuer, Mapping[str, Any], Match], None] | None = None
+    # Raw claims `check_match` reads, for `check --replay` to say what an old audit line cannot re-decide.
+    match_claims: frozenset[str] = frozenset()
 
 
 def check_claims(

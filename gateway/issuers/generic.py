@@ -29,14 +29,12 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import InvalidPublisher, InvalidToken
 from ..identity import FIELDS, Identity
-from .base import Kind
-
-if TYPE_CHECKING:
-    from ..config import Issuer, Table
+from ..tables import Table
+from .base import Issuer, Kind
 
 # Set by the gateway from the issuer's config, never from claims.
 _GATEWAY_FIELDS = ("issuer", "issuer_url", "kind")
@@ -111,15 +109,17 @@ def _literal(parts: list[Part], text: str) -> None:
 
 def options(t: Table) -> Options | None:
     """Read `claims`, `conditions` and `ignored_claims` of a generic issuer, reporting problems through `t`."""
-    claims_table = t.get("claims", dict, required=True)
-    conditions_table = t.get("conditions", dict, {})
+    if "claims" not in t.data:
+        t.problem("claims", "is required")
+    c = t.table("claims")
+    k = t.table("conditions")
     ignored = t.strings("ignored_claims") or ()
-    if claims_table is None:
+    if c is None:
         return None
+    claims_table = c.data
+    k = k if k is not None else Table({}, t.file, f"{t.where[:-1]}.conditions]", t.problems)
+    conditions_table = k.data
 
-    # Sub-tables report as `[issuers.NAME.claims] FIELD: ...`; type(t) is config.Table, which cannot be imported
-    # here at module load (config imports this package).
-    c = type(t)(claims_table, t.file, f"{t.where[:-1]}.claims]", t.problems)
     mappings = []
     for field, source in claims_table.items():
         if field in _GATEWAY_FIELDS:
@@ -144,7 +144,6 @@ def options(t: Table) -> Options | None:
         if field not in claims_table:
             c.problem(field, "is required: every generic issuer maps repository and workflow (publishers match them)")
 
-    k = type(t)(conditions_table, t.file, f"{t.where[:-1]}.conditions]", t.problems)
     conditions: list[tuple[str, str | bool | int]] = []
     for name, value in conditions_table.items():
         if not _CLAIM.fullmatch(name):

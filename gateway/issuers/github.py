@@ -38,15 +38,12 @@ a token without it has protected_ref None, which `require_protected_ref` refuses
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import InvalidPublisher, InvalidToken
 from ..identity import Identity
 from ..publishers import fold
-from .base import Kind, check_claims
-
-if TYPE_CHECKING:
-    from ..config import Issuer
+from .base import Issuer, Kind, check_claims
 
 # Identity is built from these; each must be a string. `ref` may be "" (a deployment of a bare sha), never absent.
 REQUIRED = {
@@ -166,6 +163,7 @@ def identity(issuer: Issuer, claims: Mapping[str, Any]) -> Identity:
         owner_id=claims["repository_owner_id"],
         workflow=workflow,
         ref=_short_ref(claims["ref"], ref_type) or None,
+        ref_path=claims["ref"] or None,
         ref_type=ref_type,
         sha=claims["sha"],
         environment=claims.get("environment") or None,

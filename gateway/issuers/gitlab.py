@@ -7,15 +7,14 @@ classified, so a claim GitLab adds is noticed rather than silently ignored.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from ..errors import InvalidPublisher, InvalidToken
 from ..identity import Identity
-from ..publishers import fold
-from .base import Kind, check_claims
-
-if TYPE_CHECKING:
-    from ..config import Issuer
+from ..publishers import Match, fold
+from ..tables import Table
+from .base import Issuer, Kind, check_claims
 
 # Identity is built from these; each must be a string.
 REQUIRED = {
@@ -38,6 +37,8 @@ OPTIONAL = {
     "runner_environment": str,
     "project_visibility": str,
     "job_project_path": str,
+    # Read by require_protected_environment (check_match).
+    "environment_protected": str,
 }
 # ci_config_ref_uri is required but may be null: null has a meaning (config from another project).
 NULLABLE = {"ci_config_ref_uri": str}
@@ -47,7 +48,7 @@ UNCHECKED = frozenset(
     {
         "iss", "aud", "exp", "iat", "nbf", "jti", "sub",
         "user_id", "user_email", "user_access_level", "user_identities", "groups_direct",
-        "job_id", "runner_id", "environment_protected", "deployment_tier", "environment_action",
+        "job_id", "runner_id", "deployment_tier", "environment_action",
         "ci_config_sha", "job_project_id", "job_namespace_id", "job_namespace_path",
         "job_source", "job_policy_ref_uri", "job_policy_ref_sha",
     }
@@ -134,6 +135,7 @@ def identity(issuer: Issuer, claims: Mapping[str, Any]) -> Identity:
         owner_id=claims["namespace_id"],
         workflow=workflow_from(issuer.url, claims),
         ref=claims["ref"],
+        ref_path=_ref_path(claims),
         ref_type=claims["ref_type"],
         sha=claims.get("sha"),
         environment=claims.get("environment") or None,
@@ -148,9 +150,41 @@ def identity(issuer: Issuer, claims: Mapping[str, Any]) -> Identity:
 
 KNOWN = frozenset(REQUIRED) | frozenset(OPTIONAL) | frozenset(NULLABLE) | UNCHECKED
 
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    # Jobs deploying to an environment a publisher names must deploy to a protected one (README, "Finer rules").
+    require_protected_environment: bool = False
+
+
+def options(t: Table) -> Options:
+    return Options(require_protected_environment=t.get("require_protected_environment", bool, False))
+
+
+def check_match(issuer: Issuer, claims: Mapping[str, Any], match: Match) -> None:
+    """With `require_protected_environment`, an environment-bound match needs `environment_protected` "true".
+
+    Refused outright rather than retried without the bound publishers: an unbound publisher of the same repository
+    would otherwise catch exactly the jobs the operator meant to stop (anyone who can run a job in an unprotected
+    environment of that name).
+    """
+    options = issuer.options if isinstance(issuer.options, Options) else Options()
+    if not options.require_protected_environment:
+        return
+    bound = [publisher.environment for publisher in match.publishers if publisher.environment is not None]
+    if bound and claims.get("environment_protected") != "true":
+        raise InvalidPublisher(
+            f"environment {claims.get('environment')!r} is not protected, and issuer {issuer.name!r} only publishes "
+            "to environments a publisher names from protected environments (protect the environment in GitLab)"
+        )
+
+
 GITLAB = Kind(
     name="gitlab",
     identity=identity,
     environment_case_sensitive=True,
     known_claims=lambda issuer: KNOWN,
+    options=options,
+    check_match=check_match,
+    match_claims=frozenset({"environment_protected"}),
 )
