@@ -74,6 +74,7 @@ async def _explain(exchange: Exchange, token: str, lines: list[str]) -> int:
     ignored = sorted(set(claims) - kind.known_claims(verified.issuer))
     lines.append(f"ignored claims (unknown to the {kind.name} kind): {', '.join(ignored) or 'none'}")
     lines.append(_owner_id_advice(exchange, verified))
+    lines.append(_repository_id_advice(exchange, verified))
     return _publishers(exchange, verified, lines)
 
 
@@ -99,6 +100,29 @@ def _owner_id_advice(exchange: Exchange, verified: Verified) -> str:
     return (
         f"owner_id to pin: {identity.owner_id} (owner_id = {json.dumps(identity.owner_id)} in a publisher "
         "refuses this repository path if it ever belongs to another owner)"
+    )
+
+
+def _repository_id_advice(exchange: Exchange, verified: Verified) -> str:
+    """The repository_id line, on the owner_id line's rules: never proposed over a publisher pinned to another id
+    (a project deleted and re-created under the same path is exactly what that pin refuses)."""
+    identity = verified.identity
+    if identity.repository_id is None:
+        return "repository_id to pin: none (the token carries no repository id)"
+    pinned = [p for p in exchange.publishers.candidates(identity) if p.repository_id is not None]
+    others = [p for p in pinned if p.repository_id != identity.repository_id]
+    if others:
+        names = ", ".join(f"{_name(exchange, p)} pins {p.repository_id!r}" for p in others)
+        return (
+            f"repository_id to pin: none proposed: {names}, but this token's repository id is "
+            f"{identity.repository_id!r}. The project may have been deleted and re-created under this path; find "
+            "out who owns it before changing any pin"
+        )
+    if pinned:
+        return f"repository_id to pin: already pinned to {identity.repository_id!r}, which this token's id equals"
+    return (
+        f"repository_id to pin: {identity.repository_id} (repository_id = {json.dumps(identity.repository_id)} in a "
+        "publisher refuses a project deleted and re-created under this path)"
     )
 
 

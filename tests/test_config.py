@@ -81,6 +81,25 @@ def test_publishers_load_with_every_field(tmp_path: Path) -> None:
     assert (settings.token_ttl, settings.leeway) == (600, 0)
 
 
+def test_vetting_keys_load(tmp_path: Path) -> None:
+    """Issuer require_pins, max_token_age, deny and require_protected_environment, and publisher repository_id and
+    refs, load into the records the exchange reads."""
+    issuers = issuer_with(
+        require_pins=True,
+        max_token_age=120,
+        require_protected_environment=True,
+        deny={"pipeline_source": ["merge_request_event", "schedule"], "runner_id": [7, True]},
+    )
+    entry = PUBLISHER | {"repository_id": "61254376", "owner_id": "12885807", "refs": ["refs/tags/v*"]}
+    settings = load(write_config(tmp_path, issuers, [entry]))
+    issuer = settings.issuers["gitlab-com"]
+    assert (issuer.require_pins, issuer.max_token_age) == (True, 120)
+    assert issuer.deny == (("pipeline_source", ("merge_request_event", "schedule")), ("runner_id", (7, True)))
+    assert issuer.options.require_protected_environment is True
+    [publisher] = settings.publishers
+    assert (publisher.repository_id, publisher.owner_id, publisher.refs) == ("61254376", "12885807", ("refs/tags/v*",))
+
+
 def test_repository_issuers_toml_trusts_gitlab_com_only() -> None:
     """The repository's own issuers.toml loads and trusts https://gitlab.com and nothing else."""
     settings = load(REPOSITORY / "issuers.toml")
@@ -172,6 +191,74 @@ def publisher_with(**fields: Any) -> list[dict[str, Any]]:
 
 BAD_CONFIGS = [
     # (issuers, publishers, [gateway] keys, expected start of the one problem line, fragment)
+    pytest.param(
+        ISSUERS, publisher_with(refs=[]), {}, "publishers.toml: [[publisher]] #1 refs:", "at least one", id="refs-empty"
+    ),
+    pytest.param(
+        ISSUERS, publisher_with(refs=["v*"]), {}, "publishers.toml: [[publisher]] #1 refs:", "full ref", id="refs-short"
+    ),
+    pytest.param(
+        issuer_with(require_pins=True),
+        publisher_with(owner_id="12885807"),
+        {},
+        "publishers.toml: [[publisher]] #1 repository_id:",
+        "require_pins = true. Run `gateway explain TOKEN`",
+        id="require-pins-without-repository-id",
+    ),
+    pytest.param(
+        issuer_with(require_pins=True),
+        publisher_with(repository_id="61254376"),
+        {},
+        "publishers.toml: [[publisher]] #1 owner_id:",
+        "it prints the repository_id and owner_id to pin",
+        id="require-pins-without-owner-id",
+    ),
+    pytest.param(
+        issuer_with(max_token_age=0),
+        [],
+        {},
+        "issuers.toml: [issuers.gitlab-com] max_token_age:",
+        "between 1",
+        id="max-token-age-zero",
+    ),
+    pytest.param(
+        issuer_with(deny={"event_name": []}),
+        [],
+        {},
+        "issuers.toml: [issuers.gitlab-com.deny] event_name:",
+        "non-empty list",
+        id="deny-empty-list",
+    ),
+    pytest.param(
+        issuer_with(deny={"event_name": "push"}),
+        [],
+        {},
+        "issuers.toml: [issuers.gitlab-com.deny] event_name:",
+        "non-empty list",
+        id="deny-not-a-list",
+    ),
+    pytest.param(
+        issuer_with(deny={"score": [1.5]}),
+        [],
+        {},
+        "issuers.toml: [issuers.gitlab-com.deny] score:",
+        "strings, integers or true/false",
+        id="deny-float",
+    ),
+    pytest.param(
+        {
+            "gh": {
+                "url": "https://token.actions.githubusercontent.com",
+                "kind": "github",
+                "require_protected_environment": True,
+            }
+        },
+        [],
+        {},
+        "issuers.toml: [issuers.gh] require_protected_environment:",
+        "unknown key",
+        id="protected-environment-is-gitlab-only",
+    ),
     pytest.param(
         ISSUERS, [], {"colour": "blue"}, "issuers.toml: [gateway] colour:", "unknown key", id="unknown-gateway-key"
     ),

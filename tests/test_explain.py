@@ -255,6 +255,17 @@ async def test_an_equal_owner_id_pin_is_reported_as_already_pinned(
     assert "owner_id to pin: already pinned to '12885807', which this token's owner id equals" in text
 
 
+async def test_repository_id_is_shown_and_compared_when_pinned(
+    make_gateway: MakeGateway, issuer: TestIssuer, clock: FakeClock
+) -> None:
+    """The repository_id to pin is printed; a publisher pinned to another project id shows a MISMATCH, exit 1."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER | {"repository_id": "7"}])
+    code, text = await explain_with(gateway, token_for(issuer, clock), clock)
+    assert code == 1
+    assert 'repository_id to pin: 61254376 (repository_id = "61254376" in a publisher ' in text
+    assert "    repository_id MISMATCH expected '7', token has '61254376'" in text
+
+
 async def test_no_candidate_publisher_is_said_plainly(
     make_gateway: MakeGateway, issuer: TestIssuer, clock: FakeClock
 ) -> None:

@@ -269,3 +269,38 @@ async def test_invalid_publisher_response_describes_the_miss(gateway: Any, issue
     assert response.status_code == 422
     assert error_code(response) == "invalid-publisher"
     assert "workflow expected '.gitlab-ci.yml', token has 'release.yml'" in description(response)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "ref", "matches"),
+    [
+        pytest.param("refs/tags/v*", "refs/tags/v1.2.3", True, id="star"),
+        pytest.param("refs/tags/v*", "refs/tags/v1/x", False, id="star-stops-at-slash"),
+        pytest.param("refs/tags/v*", "refs/tags/x1", False, id="literal-prefix"),
+        pytest.param("refs/heads/**", "refs/heads/a/b/c", True, id="double-star"),
+        pytest.param("refs/heads/main", "refs/heads/main", True, id="literal"),
+        pytest.param("refs/heads/main", "refs/heads/mainline", False, id="whole-ref"),
+        # Regex characters in a pattern are literal.
+        pytest.param("refs/tags/v1.0", "refs/tags/v1x0", False, id="dot-literal"),
+    ],
+)
+def test_refs_patterns(pattern: str, ref: str, matches: bool) -> None:
+    """`*` matches within one path segment, `**` across segments, everything else literally and in full."""
+    publishers = Publishers([pub(refs=(pattern,))])
+    who = identity(ref_path=ref)
+    if matches:
+        assert publishers.match(who).projects == ("sampleproject",)
+    else:
+        assert "refs expected" in miss(publishers, who)
+
+
+def test_refs_never_match_an_identity_without_a_full_ref() -> None:
+    """A publisher with refs refuses an identity whose kind supplies no ref_path."""
+    assert "token has none" in miss(Publishers([pub(refs=("refs/**",))]), identity())
+
+
+def test_repository_id_mismatch_is_named() -> None:
+    """A publisher's repository_id must equal the identity's; a mismatch names both values."""
+    publishers = Publishers([pub(repository_id="61254376")])
+    assert publishers.match(identity(repository_id="61254376")).projects == ("sampleproject",)
+    assert "repository_id expected '61254376', token has '1'" in miss(publishers, identity(repository_id="1"))
