@@ -56,8 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check",
         help="validate issuers.toml and the publishers file",
         description="Load and validate issuers.toml and the publishers file as serve would, without serving; with "
-        "--workers N, also whether N worker processes could share state. "
-        "Exit status: 0 when valid, 1 with one line per problem (file: [table] field: message).",
+        "--workers N, also whether N worker processes could share state; with --replay AUDIT.jsonl, also re-decide "
+        "every identity in a JSON audit log against this config and print what would change (identities that would "
+        "stop matching, and identities that would newly be granted projects). "
+        "Exit status: 0 when valid, 1 with one line per problem (file: [table] field: message), 2 when the audit "
+        "log cannot be read, 3 when an identity would newly be granted projects (unless --allow-grants).",
     )
     _config_argument(check)
     check.add_argument(
@@ -65,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_workers,
         default=1,
         help="also check that the config can serve this many worker processes (as serve --workers N)",
+    )
+    check.add_argument("--replay", type=Path, metavar="AUDIT.jsonl", help="an audit log (JSON lines) to re-decide")
+    check.add_argument(
+        "--allow-grants", action="store_true", help="with --replay: new grants are expected, exit 0 anyway"
     )
 
     keygen = commands.add_parser(
@@ -270,6 +277,23 @@ def _check(args: argparse.Namespace) -> int:
         f"ok: {len(settings.issuers)} issuer(s) ({', '.join(settings.issuers)}), "
         f"{len(settings.publishers)} publisher(s)"
     )
+    if args.replay is not None:
+        return _replay(settings, args.replay, allow_grants=args.allow_grants)
+    return 0
+
+
+def _replay(settings: config.Settings, path: Path, *, allow_grants: bool) -> int:
+    from .replay import read_audit, replay
+
+    try:
+        report = replay(settings, read_audit(path))
+    except OSError as e:
+        print(f"{path}: cannot be read: {e.strerror}", file=sys.stderr)
+        return 2
+    sys.stdout.write(report.render())
+    if report.new_grants and not allow_grants:
+        print("new grants: review them, then rerun with --allow-grants if they are meant", file=sys.stderr)
+        return 3
     return 0
 
 

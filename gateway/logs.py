@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from .exchange import Attempt
@@ -33,6 +34,12 @@ def audit(attempt: Attempt, outcome: str) -> None:
         ],
         "projects": list(attempt.projects),
         "jti_hash": attempt.jti,
+        # For `gateway check --replay` (replay.py): when it was judged, the whole identity, and the verified
+        # claims every rule reads (max_token_age's iat, deny lists, the kind's own), present only once the
+        # signature held.
+        "at": attempt.at,
+        "identity": identity.as_dict() if identity else None,
+        "claims": audit_claims(attempt.claims) if attempt.claims is not None else None,
     }
     # Only when they happened, so the common line stays as it was.
     if attempt.revocation is not None:
@@ -41,6 +48,15 @@ def audit(attempt: Attempt, outcome: str) -> None:
         fields["pin"] = attempt.pin
     if audit_log.isEnabledFor(logging.INFO):
         audit_log.info(json.dumps(fields, separators=(",", ":")), extra={"audit": fields})
+
+
+# Never written to the audit log: the jti (only its hash, so a log line cannot be turned back into a spend key
+# check), and claims that are a person's contact data rather than facts about the job.
+UNLOGGED_CLAIMS = frozenset({"jti", "user_email", "user_identities"})
+
+
+def audit_claims(claims: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in claims.items() if name not in UNLOGGED_CLAIMS}
 
 
 class JSONFormatter(logging.Formatter):

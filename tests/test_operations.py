@@ -39,7 +39,7 @@ At = Callable[[Gateway, str], httpx.AsyncClient]
 
 AUDIT_FIELDS = {
     "event", "outcome", "client", "issuer", "repository", "workflow", "ref", "sha", "environment", "publisher",
-    "projects", "jti_hash",
+    "projects", "jti_hash", "at", "identity", "claims",
 }  # fmt: skip
 
 
@@ -238,7 +238,14 @@ async def test_audit_line_per_attempt_without_secrets(
         assert line["event"] == "mint"
         assert line["client"] == "127.0.0.1"
     success, mismatch, bad_signature, untrusted_issuer, garbage, reuse = lines
-    assert success | {"jti_hash": None} == {
+    # What `check --replay` re-decides from: the verified claims (never the jti or the user's e-mail), the whole
+    # identity, and when it was judged.
+    assert success["claims"] == {k: v for k, v in good.items() if k not in ("jti", "user_email")}
+    assert success["identity"]["repository_id"] == "61254376" and success["identity"]["owner_id"] == "12885807"
+    assert isinstance(success["at"], float)
+    assert bad_signature["claims"] is bad_signature["identity"] is None
+    assert mismatch["claims"]["ci_config_ref_uri"].endswith("//release.yml@refs/heads/main")
+    assert success | {"jti_hash": None, "at": None, "identity": None, "claims": None} == {
         "event": "mint",
         "outcome": "success",
         "client": "127.0.0.1",
@@ -251,6 +258,9 @@ async def test_audit_line_per_attempt_without_secrets(
         "publisher": [{"repository": "group/project", "workflow": ".gitlab-ci.yml", "environment": None}],
         "projects": ["sampleproject"],
         "jti_hash": None,
+        "at": None,
+        "identity": None,
+        "claims": None,
     }
     # Verified tokens carry the hash the jti is spent under; the others have none to give.
     assert success["jti_hash"] == reuse["jti_hash"] == jti_key(issuer.url, good["jti"])
