@@ -103,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="an algorithm the issuer would be configured with (repeat for several; default RS256)",
     )
     probe.add_argument(
+        "--write-jwks",
+        type=Path,
+        metavar="PATH",
+        help="write the keys that pass the key rules to PATH (atomically), for an issuer's jwks_file; "
+        "written only when at least one key is usable",
+    )
+    probe.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
@@ -418,6 +425,19 @@ def _probe(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 2
     sys.stdout.write(report.render())
+    if args.write_jwks is not None:
+        from .probe import write_jwks
+
+        if not report.usable_jwks:
+            print(f"{args.write_jwks} not written: the issuer has no usable key", file=sys.stderr)
+            return 1
+        try:
+            write_jwks(args.write_jwks, report.usable_jwks)
+        except OSError as e:
+            print(f"{args.write_jwks}: cannot be written: {e.strerror}", file=sys.stderr)
+            return 1
+        kids = ", ".join(repr(entry["kid"]) for entry in report.usable_jwks)
+        print(f"wrote {len(report.usable_jwks)} key(s) ({kids}) to {args.write_jwks}")
     return 0 if report.ok else 1
 
 

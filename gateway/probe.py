@@ -12,9 +12,13 @@ would be configured with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
+import json
+import os
 import ssl
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -65,6 +69,8 @@ class Rule:
 class Report:
     url: str
     rules: tuple[Rule, ...]
+    # The published keys the gateway would use (the key rules hold for them), as published: for `--write-jwks`.
+    usable_jwks: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -123,7 +129,9 @@ async def probe(
     except (OSError, ssl.SSLError) as e:
         raise ProbeError(f"cannot use the CA bundle {ca_bundle}: {e}") from None
     try:
-        return _report(url, names, await _Probe(fetcher).run())
+        prober = _Probe(fetcher)
+        verdicts = await prober.run()
+        return dataclasses.replace(_report(url, names, verdicts), usable_jwks=prober.usable)
     finally:
         await fetcher.aclose()
 
@@ -149,6 +157,7 @@ class _Probe:
         hooks["response"] = [*hooks.get("response", []), self._record]
         fetcher.client.event_hooks = hooks
         self.deadline = 0.0
+        self.usable: tuple[Mapping[str, Any], ...] = ()
 
     async def _record(self, response: httpx.Response) -> None:
         self.responses.append(response)
@@ -259,6 +268,7 @@ class _Probe:
             all_usable = all_usable and reason is None
             lines.append(f"{label}: {_describe(entry)}: {'accepted' if reason is None else 'dropped, ' + reason}")
         usable, _ = parse_jwks({"keys": entries}, algorithms)
+        self.usable = tuple(entry for entry in entries if _kid(entry) in usable)
         return {
             "kids": kid_verdict,
             "keys": (PASS if all_usable else FAIL, lines or ["the key set is empty"]),
@@ -292,3 +302,23 @@ def _text(value: Any) -> str:
     if isinstance(value, str) and value.isascii() and value.isprintable() and len(value) <= 64:
         return value
     return repr(value)[:80]
+
+
+def write_jwks(path: Path, keys: tuple[Mapping[str, Any], ...]) -> None:
+    """Write a JWKS file for `[issuers.X] jwks_file` atomically: readers (a gateway watching it) see the old file or
+    the new one, never half of one. Raises OSError."""
+    document = json.dumps({"keys": list(keys)}, indent=2) + "\n"
+    # In the target's directory, so os.replace is a rename within one file system.
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(document)
+            f.flush()
+            os.fsync(f.fileno())
+        # Public keys: readable by the gateway's user whoever runs the probe.
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
