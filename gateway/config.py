@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .issuers import KINDS, DenyValue
 from .issuers import Issuer as Issuer  # re-exported: the record lives with the kinds, which must not import config
 from .jose import MAX_LIFETIME
+from .keys.fetch import FetchError, parse_jwks
 from .publishers import Publisher, normalize_project, ref_pattern_problem, under_namespaces
 from .tables import Problems, Table, did_you_mean
 
@@ -239,6 +240,7 @@ def _validate(
                     *([base / signing_key_file] if signing_key_file else []),
                     *(base / name for name in previous_files),
                     *(issuer.ca_bundle for issuer in issuers.values() if issuer.ca_bundle is not None),
+                    *(issuer.jwks_file for issuer in issuers.values() if issuer.jwks_file is not None),
                 ]
             )
         ),
@@ -379,6 +381,7 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: Problems) -> dict[str
         kind = t.string("kind", required=True)
         namespaces = t.strings("namespaces") or ()
         ca_file = t.string("ca_bundle")
+        jwks_name = t.string("jwks_file")
         algorithms = t.strings("algorithms") or ("RS256",)
         enabled = t.get("enabled", bool, True)
         require_protected_ref = t.get("require_protected_ref", bool, False)
@@ -414,6 +417,10 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: Problems) -> dict[str
             ca_pem = _pem_certificates(ca_bundle)
             if ca_pem is None:
                 t.problem("ca_bundle", f"{ca_bundle} is not a readable PEM certificate file")
+        jwks_file = jwks = None
+        if jwks_name is not None:
+            jwks_file = path.parent / jwks_name
+            jwks = _jwks_file(t, jwks_file, algorithms)
         if url is not None and kind is not None:
             issuers[name] = Issuer(
                 name=name,
@@ -430,9 +437,37 @@ def _issuers(raw: Mapping[str, Any], path: Path, problems: Problems) -> dict[str
                 require_pins=require_pins,
                 max_token_age=max_token_age,
                 deny=deny,
+                jwks_file=jwks_file,
+                jwks=jwks,
                 options=options,
             )
     return issuers
+
+
+def _jwks_file(t: Table, file: Path, algorithms: tuple[str, ...]) -> str | None:
+    """The text of a `jwks_file` with at least one key that passes the key rules of fetched sets, or None."""
+    try:
+        text = file.read_text("utf-8")
+        document = json.loads(text)
+    except OSError as e:
+        t.problem("jwks_file", f"{file} cannot be read: {e.strerror}")
+        return None
+    except ValueError as e:
+        t.problem("jwks_file", f"{file} is not JSON: {e}")
+        return None
+    try:
+        keys, dropped = parse_jwks(document, algorithms)
+    except FetchError as e:
+        t.problem("jwks_file", f"{file}: {e}")
+        return None
+    if not keys:
+        why = f" ({'; '.join(dropped)})" if dropped else ""
+        t.problem(
+            "jwks_file",
+            f"{file} has no usable key{why}; write it with `gateway probe-issuer URL --write-jwks {file.name}`",
+        )
+        return None
+    return text
 
 
 def _deny(t: Table) -> tuple[tuple[str, tuple[DenyValue, ...]], ...]:

@@ -45,6 +45,9 @@ class Issuer:
     max_token_age: int | None = None
     # Raw claim -> values that refuse a token, in file order.
     deny: tuple[tuple[str, tuple[DenyValue, ...]], ...] = ()
+    # `jwks_file`: the issuer's keys come from this file (its text, read at load), never from the network.
+    jwks_file: Path | None = None
+    jwks: str | None = field(default=None, repr=False)
     # What the kind read from its own keys (Kind.options), e.g. the generic kind's claim mapping.
     options: Any = field(default=None, compare=False)
 

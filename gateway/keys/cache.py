@@ -10,6 +10,9 @@ A `Keys` never changes after it is built: a reload builds a new one (`rebuilt`) 
 which takes over the cached sets of issuers whose trust (URL, CA content, algorithms) and fetch limits are
 unchanged, and starts empty for the others, so a changed CA bundle or a name re-pointed at another URL never
 serves keys fetched under the old trust.
+
+Issuers with a `jwks_file` (static.py) bypass all of it: their key set is the file config read, built anew with
+every `Keys`, never fetched or shared, and an unknown kid is refused at once.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from dataclasses import dataclass, field
 import httpx
 from joserfc.jwk import Key
 
-from ..config import Issuer
 from ..errors import InvalidToken, IssuerUnavailable
+from ..issuers import Issuer
 from .fetch import Fetcher, FetchError, KeyPolicy, KeySet, trust_id
 from .shared import Reason, SharedKeys
+from .static import static_key_set
 
 __all__ = ["FAILURE_BACKOFF", "Keys"]
 
@@ -90,7 +94,14 @@ class Keys:
             reusable = {}
         self._issuers = dict(issuers)
         self._entries: dict[str, _Entry] = {}
+        # Issuers with a jwks_file: their keys as read by config, and no fetcher, no state, no shared tier.
+        self._static: dict[str, KeySet] = {}
         for name, issuer in issuers.items():
+            if issuer.jwks is not None:
+                self._static[name] = key_set = static_key_set(issuer)
+                for dropped in key_set.dropped:
+                    log.warning("keys of issuer %s (jwks_file %s): dropped %s", name, issuer.jwks_file, dropped)
+                continue
             trust = trust_id(issuer)
             entry = reusable.get(trust)
             if entry is None:
@@ -117,9 +128,15 @@ class Keys:
         )
 
     def state(self, issuer: str) -> _State:
+        static = self._static.get(issuer)
+        if static is not None:
+            return _State(key_set=static)
         return self._entries[issuer].state
 
     async def key(self, issuer: str, kid: str) -> Key:
+        static = self._static.get(issuer)
+        if static is not None:
+            return self._static_key(issuer, static, kid)
         entry = self._entries.get(issuer)
         if entry is None:
             raise self._unavailable(issuer)
@@ -144,6 +161,17 @@ class Keys:
                 f"{int(self.policy.cooldown)} s"
             )
         self.on_lookup("memory" if key_set is cached else key_set.source)
+        return key
+
+    def _static_key(self, issuer: str, key_set: KeySet, kid: str) -> Key:
+        key = key_set.keys.get(kid)
+        if key is None:
+            # Nothing to refresh: the file is all there is, so an unknown kid is refused at once, with no I/O.
+            raise InvalidToken(
+                f"issuer {issuer!r} has no key {kid!r} in its jwks_file; if the issuer rotated keys, its operator "
+                "must update the file"
+            )
+        self.on_lookup(key_set.source)
         return key
 
     async def _usable(self, issuer: str, state: _State) -> KeySet:

@@ -23,7 +23,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import Key, import_key
 from joserfc.jws import JWSRegistry
 
-from ..config import Issuer
+from ..issuers import Issuer
 
 __all__ = [
     "MAX_KEYS",

@@ -22,7 +22,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from ..config import Issuer
+from ..issuers import Issuer
 from ..store import SharedState, StoreUnavailable
 from .fetch import FetchError, KeyPolicy, KeySet, parse_jwks, same_origin, trust_id
 
