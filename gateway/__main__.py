@@ -406,7 +406,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .probe import ProbeError, probe
+    from .probe import ProbeError, probe, write_jwks
 
     if args.timeout <= 0 or args.max_bytes < 1:
         print("--timeout and --max-bytes must be positive", file=sys.stderr)
@@ -426,8 +426,6 @@ def _probe(args: argparse.Namespace) -> int:
         return 2
     sys.stdout.write(report.render())
     if args.write_jwks is not None:
-        from .probe import write_jwks
-
         if not report.usable_jwks:
             print(f"{args.write_jwks} not written: the issuer has no usable key", file=sys.stderr)
             return 1
