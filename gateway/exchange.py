@@ -17,7 +17,8 @@ spent.
 
 The checks, in order (each a call into its own module or function):
   1. peek: `iss` -> configured Issuer (exact match, no I/O for an unknown one); suspended issuer refused.
-  2. algorithm allowed for the issuer; key by kid (keys.py); signature and registered claims (jose.py).
+  2. algorithm allowed for the issuer; key by kid (keys/: fetched, shared, or an issuer's jwks_file, which
+     refuses an unknown kid at once); signature and registered claims (jose.py).
   3. check_age: `[issuers.X] max_token_age` on `iat` (invalid-token): a leaked token stops working early.
   4. the kind's claims -> Identity (issuers/): kind-specific refusals (fork pipelines, pull_request_target...).
   5. check_policy: the issuer's rules on the identity and raw claims, whatever publisher would match
