@@ -258,11 +258,16 @@ async def test_an_equal_owner_id_pin_is_reported_as_already_pinned(
 async def test_repository_id_is_shown_and_compared_when_pinned(
     make_gateway: MakeGateway, issuer: TestIssuer, clock: FakeClock
 ) -> None:
-    """The repository_id to pin is printed; a publisher pinned to another project id shows a MISMATCH, exit 1."""
+    """The repository_id to pin is printed, but never over a publisher pinned to another project id, which shows a
+    MISMATCH (exit 1)."""
+    gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)})
+    code, text = await explain_with(gateway, token_for(issuer, clock), clock)
+    assert code == 0
+    assert 'repository_id to pin: 61254376 (repository_id = "61254376" in a publisher ' in text
     gateway = await make_gateway({"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER | {"repository_id": "7"}])
     code, text = await explain_with(gateway, token_for(issuer, clock), clock)
     assert code == 1
-    assert 'repository_id to pin: 61254376 (repository_id = "61254376" in a publisher ' in text
+    assert "repository_id to pin: none proposed: [[publisher]] #1 (workflow '.gitlab-ci.yml') pins '7'" in text
     assert "    repository_id MISMATCH expected '7', token has '61254376'" in text
 
 

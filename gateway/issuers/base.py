@@ -29,8 +29,8 @@ class Issuer:
     kind: str
     namespaces: tuple[str, ...] = ()
     ca_bundle: Path | None = None
-    # The bundle's content as read when the config was loaded: the trust the fetcher uses, and part of the
-    # issuer's identity in shared state (keys.fetch.trust_id), so a changed file is a changed issuer.
+    # The bundle's certificates as read when the config was loaded: the trust the fetcher uses, and part of the
+    # issuer's identity in shared state (keys.fetch.trust_id), so a bundle with other certificates is another issuer.
     ca_pem: bytes | None = field(default=None, repr=False)
     algorithms: tuple[str, ...] = ("RS256",)
     # Policy for every kind: a suspended issuer keeps its publishers but mints nothing.
