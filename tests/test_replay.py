@@ -125,7 +125,7 @@ async def test_extra_project_is_a_new_grant(
         pytest.param({"max_token_age": 60}, PUBLISHER, "at most 60 s old", id="max-token-age"),
         pytest.param({}, PUBLISHER | {"refs": ["refs/tags/*"]}, "refs expected", id="refs"),
         pytest.param({}, PUBLISHER | {"repository_id": "1"}, "repository_id expected '1'", id="repository-id"),
-        pytest.param({"runner_environments": ["self-hosted"]}, PUBLISHER, "only publishes from self-hosted runners", id="runners"),
+        pytest.param({"runner_environments": ["self-hosted"]}, PUBLISHER, "from self-hosted runners", id="runners"),
     ],
 )
 async def test_new_rules_are_re_decided_from_logged_claims(
