@@ -318,7 +318,7 @@ def check_policy(issuer: Issuer, claims: Mapping[str, Any], identity: Identity) 
 
 def _pinned_statically(publisher: Publisher) -> bool:
     """A publisher that names both ids is pinned by its operator; the dynamic pin would add nothing."""
-    return publisher.owner_id is not None and getattr(publisher, "repository_id", None) is not None
+    return publisher.owner_id is not None and publisher.repository_id is not None
 
 
 def check_deny(issuer: Issuer, claims: Mapping[str, Any]) -> None:

@@ -10,8 +10,9 @@ A line is re-decided from the verified claims it carries (`claims`, `at`). Lines
 carried them have only repository, workflow, ref, sha and environment: rules needing more are skipped for them,
 and the report names those rules, so "nothing changes" is never claimed where it could not be checked.
 
-Not re-decided at all: the signature, `exp` and the jti (facts of the moment, not policy), and lines refused
-before policy could speak (rate limits, an unreachable issuer, a bug): their outcome says nothing about the config.
+Not re-decided at all: the signature, `exp` and the jti (facts of the moment, not policy), revocations and pins
+on first use (the operator's state, not config), and lines refused before policy could speak (rate limits, an
+unreachable issuer, a bug): their outcome says nothing about the config.
 """
 
 from __future__ import annotations
@@ -32,16 +33,14 @@ from .publishers import Match, Publisher, Publishers
 
 __all__ = ["Report", "read_audit", "replay"]
 
-# Outcomes that were the policy's decision, and whether the publisher had matched by then (so the line's
-# `projects` are what the config granted). Other outcomes (rate-limited, issuer-unavailable, internal-error,
-# invalid-payload) say nothing about the publishers.
-_DECIDED = {
-    "success": True,
-    "invalid-reuse-token": True,
-    "replay-store-unavailable": True,
-    "invalid-publisher": False,
-    "invalid-token": False,
-}
+# Outcomes that were the policy's decision. A line's `projects` are what matching granted whenever matching was
+# reached (the exchange records them at once), whatever refused the mint afterwards (a spent jti, a changed pin,
+# the store). Other outcomes (rate-limited, issuer-unavailable, internal-error, invalid-payload) say nothing
+# about the publishers.
+_DECIDED = frozenset(
+    {"success", "invalid-reuse-token", "replay-store-unavailable", "invalid-publisher", "invalid-token"}
+)
+
 # The prefix a text-format log puts before the audit line's JSON (logs.configure).
 _TEXT_MARKER = " gateway.audit: "
 
@@ -143,15 +142,18 @@ def replay(settings: Settings, lines: Iterable[AuditLine | int]) -> Report:
 def _replay_line(settings: Settings, publishers: Publishers, line: AuditLine, report: Report) -> None:
     fields = line.fields
     outcome = fields.get("outcome")
-    matched = _DECIDED.get(outcome) if isinstance(outcome, str) else None
     claims = fields.get("claims")
-    if matched is None:
+    before = set(_strings(fields.get("projects")))
+    if outcome not in _DECIDED or (outcome == "replay-store-unavailable" and not before):
         _skip(report, f"refused before policy decided ({outcome})")
+        return
+    if fields.get("revocation") is not None:
+        # Revocations are the operator's state, not config: a config change neither makes nor lifts one.
+        _skip(report, "refused by a revocation")
         return
     if not isinstance(claims, dict) and not isinstance(fields.get("repository"), str):
         _skip(report, "whose token was never verified")
         return
-    before = set(_strings(fields.get("projects"))) if matched else set()
     undecided: list[str] = []
     try:
         if isinstance(claims, dict):

@@ -250,3 +250,20 @@ def test_invalid_config_exits_1_and_unreadable_log_2(tmp_path: Path, issuer: Tes
     )
     assert missing.returncode == 2
     assert "cannot be read" in missing.stderr
+
+
+def test_revoked_and_pin_refused_lines_are_not_new_grants(
+    tmp_path: Path, issuer: TestIssuer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mint refused by a revocation is not re-decided, and one refused by a changed pin after matching keeps the
+    projects matching granted: neither is reported as a new grant of the config."""
+    log = tmp_path / "old.jsonl"
+    revoked = old_line(outcome="invalid-publisher", projects=[], publisher=[], revocation="r-1")
+    pin_changed = old_line(outcome="invalid-publisher", pin="changed")
+    log.write_text(revoked + "\n" + pin_changed + "\n")
+    code, out = run(capsys, tmp_path, issuer, log, [PUBLISHER])
+    assert code == 0, out
+    assert "not re-decided: 1 line(s) refused by a revocation" in out
+    assert "replayed 1 audit line(s)" in out
+    assert "would newly be granted projects: 0" in out
+
