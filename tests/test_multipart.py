@@ -135,7 +135,10 @@ BAD_UPLOADS = [
     # devpi (WebOb, cgi) decodes a text part by its Content-Type's charset, and a file name by the file part's.
     bad(
         "charset-on-a-text-part",
-        replaced(part("name", "sampleproject"), part("name", "sampleproject", extra="Content-Type: text/plain; charset=utf-7\r\n")),
+        replaced(
+            part("name", "sampleproject"),
+            part("name", "sampleproject", extra="Content-Type: text/plain; charset=utf-7\r\n"),
+        ),
         "'name' must not have a Content-Type",
     ),
     bad(
@@ -221,7 +224,7 @@ VERSIONS = [
     "1.0-1", "1.0.post", "1.0-r3", "1.0rev", "1.0.dev", "1.0-dev-5", "1.0a1.post2.dev3", "2!1.0", "0!1.0",
     "1.0+ABC.01-x_y", "V1.0", "1.0.0+0", "1.0a", "1.0_post_1",
 ]  # fmt: skip
-NOT_VERSIONS = ["good", "", "1.0 ", " 1.0", "1..0", "1.0+", "1.0-", "١.0", "1.0\n", "1.0-evil", "1.0+a+b", "1.0.x"]
+NOT_VERSIONS = ["good", "", "1.0 ", " 1.0", "1..0", "1.0+", "1.0-", "\u0661.0", "1.0\n", "1.0-evil", "1.0+a+b", "1.0.x"]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
