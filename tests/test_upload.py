@@ -171,6 +171,7 @@ async def make_proxy(
         previous: Sequence[Key] = (),
         url: str | None = None,
         max_upload: int | None = None,
+        upstream: Sequence[str] = (),
     ) -> Proxy:
         directory = tmp_path / f"gateway-{len(made)}"
         directory.mkdir()
@@ -188,6 +189,7 @@ async def make_proxy(
         ]
         if max_upload is not None:
             table.append(f"max_upload = {max_upload}")
+        table.extend(upstream)
         path.write_text(path.read_text() + "\n" + "\n".join(table) + "\n")
         settings = config.load(path, {**os.environ, "UPSTREAM_PASSWORD": OPERATOR[1]})
         made.append(Proxy(create_app(settings, clock=clock)))
@@ -658,3 +660,150 @@ async def test_upstream_added_by_a_reload_serves_legacy(
         await gateway.app.state.upload.aclose()  # make_gateway's teardown does not close the upload client
     assert response.status_code == 200, response.text
     assert [received.headers["authorization"] for received in index.received] == [basic(*OPERATOR)]
+
+
+# --- Capacity: uploads in progress, and where their bodies wait ----------------------------------------------------
+
+
+class Held:
+    """An upload body sent up to a point, then held until released: an upload in progress, for as long as needed."""
+
+    def __init__(self, body: bytes, hold_at: int) -> None:
+        self.body = body
+        self.hold_at = hold_at
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.body[: self.hold_at]
+        self.reached.set()
+        await self.release.wait()
+        yield self.body[self.hold_at :]
+
+
+async def test_uploads_past_max_concurrent_get_503_with_retry_after(
+    make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """With max_concurrent_uploads uploads in progress, one more is answered 503 with Retry-After before its body is
+    read; the uploads in progress finish, and once one has, the next upload goes through."""
+    proxy = await make_proxy(upstream=["max_concurrent_uploads = 2"])
+    token = await proxy.mint(issuer)
+    held = [Held(upload_body(), 100), Held(upload_body(), 100)]
+    in_progress = [asyncio.create_task(proxy.upload(token, h.__aiter__())) for h in held]
+    for h in held:
+        await asyncio.wait_for(h.reached.wait(), 10)
+
+    pulled: list[int] = []
+    busy = await proxy.upload(token, chunks(upload_body(), 64, pulled))
+    assert busy.status_code == 503
+    assert busy.headers["retry-after"] == "10"
+    assert busy.text == "this gateway replica has 2 uploads in progress; retry in 10 s\n"
+    assert pulled == []
+
+    for h in held:
+        h.release.set()
+    assert [r.status_code for r in await asyncio.gather(*in_progress)] == [200, 200]
+    assert (await proxy.upload(token, upload_body())).status_code == 200
+    assert len(index.received) == 3
+
+
+async def test_refused_uploads_free_their_slot(make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex) -> None:
+    """An upload refused while in progress (malformed, too large, or its client gone) does not keep its slot."""
+    proxy = await make_proxy(max_upload=4096, upstream=["max_concurrent_uploads = 1"])
+    token = await proxy.mint(issuer)
+    assert (await proxy.upload(token, upload_body(version="6.1"))).status_code == 400
+    assert (await proxy.upload(token, upload_body(content=payload(8192)))).status_code == 413
+    assert (await proxy.upload(token, upload_body())).status_code == 200
+    assert proxy.app.state.upload.active == 0
+
+
+def open_files_under(directory: Path) -> list[str]:
+    """Files this process has open whose path lies in `directory` (deleted temporary files included), from /proc."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(f"{directory}/"):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to see open files")
+async def test_large_upload_is_spooled_in_spool_dir(
+    make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex, tmp_path: Path
+) -> None:
+    """An upload past the in-memory first MiB is spooled to a file in [upstream] spool_dir, closed afterwards."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    proxy = await make_proxy(upstream=[f"spool_dir = {json.dumps(str(spool))}"])
+    token = await proxy.mint(issuer)
+    body = upload_body(content=payload(1536 * 1024))
+    held = Held(body, len(body) - 100)
+    uploading = asyncio.create_task(proxy.upload(token, held.__aiter__()))
+    await asyncio.wait_for(held.reached.wait(), 10)
+    # The transport pulls the held part only when the proxy asks for more, after it spooled the first part.
+    assert open_files_under(spool)
+    held.release.set()
+    assert (await uploading).status_code == 200
+    assert [received.body for received in index.received] == [body]
+    assert open_files_under(spool) == []
+
+
+# --- [upstream] config ---------------------------------------------------------------------------------------------
+
+
+def load_upstream(tmp_path: Path, lines: Sequence[str]) -> config.Upstream:
+    path = write_config(tmp_path, {"gitlab-com": {"url": "https://gitlab.com", "kind": "gitlab"}}, [PUBLISHER])
+    table = ["[upstream]", 'username = "operator"', 'password_env = "UPSTREAM_PASSWORD"', *lines]
+    path.write_text(path.read_text() + "\n" + "\n".join(table) + "\n")
+    upstream = config.load(path, {"UPSTREAM_PASSWORD": "secret"}).upstream
+    assert upstream is not None
+    return upstream
+
+
+def upstream_problems(tmp_path: Path, lines: Sequence[str]) -> list[str]:
+    with pytest.raises(config.ConfigError) as refused:
+        load_upstream(tmp_path, lines)
+    return list(refused.value.problems)
+
+
+def test_upstream_defaults(tmp_path: Path) -> None:
+    """Without the capacity keys: the system temporary directory, four uploads at a time, https required."""
+    upstream = load_upstream(tmp_path, ['url = "https://index.example/legacy/"'])
+    assert (upstream.spool_dir, upstream.max_concurrent_uploads, upstream.allow_http) == (None, 4, False)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8080/", "http://[::1]:8080/", "http://localhost/", "http://127.9.9.9/", "https://index.example/"],
+)
+def test_https_or_loopback_upstream_needs_no_allow_http(tmp_path: Path, url: str) -> None:
+    """https anywhere, and plain http to this host's loopback, are accepted as they are."""
+    assert load_upstream(tmp_path, [f'url = "{url}"']).url == url
+
+
+@pytest.mark.parametrize("url", ["http://pypiserver:8080/", "http://10.0.0.5/", "http://index.example/"])
+def test_plain_http_to_another_host_is_a_config_error_unless_allowed(tmp_path: Path, url: str) -> None:
+    """A plain-http url to a non-loopback host is refused (the index password would travel in clear), unless
+    allow_http = true says the network is trusted."""
+    problems = upstream_problems(tmp_path, [f'url = "{url}"'])
+    assert any("[upstream] url" in p and "allow_http = true" in p and "in clear" in p for p in problems), problems
+    assert load_upstream(tmp_path, [f'url = "{url}"', "allow_http = true"]).allow_http is True
+
+
+def test_spool_dir_is_relative_to_the_config_and_must_be_a_writable_directory(tmp_path: Path) -> None:
+    """spool_dir is read relative to issuers.toml; a missing directory is a config error naming it."""
+    (tmp_path / "spool").mkdir()
+    url = 'url = "https://index.example/"'
+    assert load_upstream(tmp_path, [url, 'spool_dir = "spool"']).spool_dir == tmp_path / "spool"
+    problems = upstream_problems(tmp_path, [url, 'spool_dir = "missing"'])
+    assert problems == [f"issuers.toml: [upstream] spool_dir: {tmp_path / 'missing'} is not a writable directory"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "true", '"4"'])
+def test_max_concurrent_uploads_must_be_a_positive_integer(tmp_path: Path, value: str) -> None:
+    """max_concurrent_uploads below 1 or not an integer is a config error."""
+    problems = upstream_problems(tmp_path, ['url = "https://index.example/"', f"max_concurrent_uploads = {value}"])
+    assert any("[upstream] max_concurrent_uploads" in p for p in problems), problems
