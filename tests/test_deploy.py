@@ -1,9 +1,10 @@
 """deploy/: the manifests validate offline, the shipped configs load, and deploy/nginx.conf runs for real.
 
-The nginx tests run deploy/nginx.conf itself in front of three `gateway serve` processes sharing one Redis. The
-file is adapted only mechanically (`render_nginx_conf`): its three `server gateway-N:8000` lines point at the local
-replicas, `listen 8080` at a free loopback port, its /tmp/ paths into the test's directory, and nginx connects to
-the replicas from 127.0.0.2, so that they can tell their trusted proxy (nginx) from the client (127.0.0.1).
+The nginx tests run deploy/nginx.conf itself in front of three `gateway serve` processes sharing one Redis, whose
+[upstream] is a real pypiserver (through a recording relay, which can also answer 503 once). The file is adapted
+only mechanically (`render_nginx_conf`): its three `server gateway-N:8000` lines point at the local replicas,
+`listen 8080` at a free loopback port, its /tmp/ paths into the test's directory, and nginx connects to the
+replicas from 127.0.0.2, so that they can tell their trusted proxy (nginx) from the client (127.0.0.1).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ import pytest
 import yaml
 from joserfc import jwt
 from joserfc.jwk import KeySet
+from starlette.types import Receive, Scope, Send
 
 from gateway import config
 from gateway.__main__ import SHUTDOWN_TIMEOUT
@@ -36,8 +40,12 @@ from gateway.errors import ConfigError
 from gateway.mint import generate_key, public_jwk
 from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, gitlab_issuer, write_config
-from tests.processes import NGINX, GatewayProcess, Nginx, free_port, stop_all
+from tests.processes import NGINX, GatewayProcess, Nginx, free_port, gateway_environ, stop_all
 from tests.redis_server import REDIS_SERVER, RedisServer
+from tests.test_multipart import CLOSE, CONTENT_TYPE, fields, part
+from tests.test_twine import OPERATOR as TWINE_OPERATOR
+from tests.test_twine import PyPIServer, build, run_pypiserver, twine_upload
+from tests.test_upload import FakeIndex, Received, basic
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEPLOY = REPOSITORY / "deploy"
@@ -490,17 +498,18 @@ def render_nginx_conf(prefix: Path, listen: int, upstreams: Sequence[int]) -> st
     text, count = re.subn(
         r"^(\s*)proxy_pass http://gateway;", rf"\g<0>\n\g<1>proxy_bind {NGINX_ADDRESS};", text, flags=re.M
     )
-    assert count == 1, "deploy/nginx.conf no longer has one `proxy_pass http://gateway;`"
+    assert count == 2, "deploy/nginx.conf no longer has two `proxy_pass http://gateway;` (/legacy/ and /)"
     return text
 
 
 class Cluster:
     """Three `gateway serve` replicas (one config, key and Redis) behind deploy/nginx.conf run by a real nginx."""
 
-    def __init__(self, directory: Path, config_path: Path, down_issuer: str) -> None:
+    def __init__(self, directory: Path, config_path: Path, down_issuer: str, env: dict[str, str]) -> None:
         self.directory = directory
         self.config_path = config_path
         self.down_issuer = down_issuer
+        self.env = env
         self.ports = [free_port() for _ in range(3)]
         self.replicas: dict[int, GatewayProcess] = {}
         self.nginx: Nginx | None = None
@@ -517,7 +526,7 @@ class Cluster:
         return self.nginx.stdout
 
     def start_replica(self, port: int) -> GatewayProcess:
-        self.replicas[port] = GatewayProcess(self.config_path, port=port)
+        self.replicas[port] = GatewayProcess(self.config_path, port=port, env=self.env)
         return self.replicas[port]
 
     def wait_ready(self, port: int) -> None:
@@ -527,14 +536,14 @@ class Cluster:
         conf = lambda prefix, port: render_nginx_conf(prefix, port, self.ports)  # noqa: E731
         self.nginx = Nginx(self.directory / "nginx", conf).wait()
 
-    def mint_lines(self, after: int) -> list[dict[str, Any]]:
+    def mint_lines(self, after: int, uri: str = "/_/oidc/mint-token") -> list[dict[str, Any]]:
         lines = [json.loads(line) for line in self.access_log.read_bytes()[after:].splitlines()]
-        return [line for line in lines if line["uri"] == "/_/oidc/mint-token"]
+        return [line for line in lines if line["uri"] == uri]
 
-    def wait_mint_lines(self, after: int, count: int) -> list[dict[str, Any]]:
-        """The access log's mint-token lines after byte `after`, once there are `count` (nginx logs after answering)."""
+    def wait_mint_lines(self, after: int, count: int, uri: str = "/_/oidc/mint-token") -> list[dict[str, Any]]:
+        """The access log's lines for `uri` after byte `after`, once there are `count` (nginx logs after answering)."""
         deadline = time.monotonic() + 5
-        while len(lines := self.mint_lines(after)) < count and time.monotonic() < deadline:
+        while len(lines := self.mint_lines(after, uri)) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(lines) == count, lines
         return lines
@@ -556,8 +565,57 @@ class Cluster:
         stop_all(self.replicas.values(), SHUTDOWN_TIMEOUT + 5)
 
 
+class Relay(FakeIndex):
+    """The replicas' [upstream]: records every upload it gets and passes it on to pypiserver, or answers 503 for
+    the next `fail` uploads (an index that is briefly unavailable)."""
+
+    def __init__(self, index: str) -> None:
+        super().__init__()
+        self.index = index
+        self.fail = 0
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        self.received.append(Received(scope["method"], scope["path"], headers, bytes(body)))
+        if self.fail:
+            self.fail -= 1
+            status, answer = 503, b"index briefly unavailable"
+        else:
+            kept = {name: headers[name] for name in ("content-type", "authorization")}
+            async with httpx.AsyncClient(timeout=60) as client:
+                response = await client.post(self.index, content=bytes(body), headers=kept)
+            status, answer = response.status_code, response.content
+        raw = [(b"content-type", b"text/plain"), (b"content-length", str(len(answer)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": answer})
+
+
+@dataclass
+class Index:
+    pypiserver: PyPIServer
+    relay: Relay
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, _issuer: TestIssuer) -> Iterator[Cluster]:
+def index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Index]:
+    """pypiserver, and the recording relay in front of it that the replicas upload to."""
+    with run_pypiserver(tmp_path_factory.mktemp("pypiserver")) as pypiserver:
+        relay = Relay(pypiserver.url + "/").start()
+        try:
+            yield Index(pypiserver, relay)
+        finally:
+            relay.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, _issuer: TestIssuer, index: Index) -> Iterator[Cluster]:
     """One cluster for the module: starting five processes per test would cost more than the tests themselves."""
     if NGINX is None:
         pytest.skip("nginx is not installed (Debian: apt-get install nginx-light)")
@@ -579,7 +637,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, _issuer: TestIssuer) -> It
             trusted_proxies=[f"{NGINX_ADDRESS}/32"],
             log_format="json",
         )
-        cluster = Cluster(directory, path, down_issuer)
+        upstream = (
+            f"\n[upstream]\nurl = {json.dumps(index.relay.url)}\nusername = {json.dumps(TWINE_OPERATOR[0])}\n"
+            'password_env = "UPSTREAM_PASSWORD"\n'
+        )
+        path.write_text(path.read_text() + upstream)
+        cluster = Cluster(directory, path, down_issuer, gateway_environ(UPSTREAM_PASSWORD=TWINE_OPERATOR[1]))
         try:
             for port in cluster.ports:
                 cluster.start_replica(port)
@@ -689,6 +752,112 @@ def test_nginx_body_limit_matches_the_gateway(
     (line,) = cluster.wait_mint_lines(start, 1)
     assert (line["upstream_addr"] == "") is answered_by_nginx, line
     assert "xxxxxxxx" not in cluster.access_log.read_text()
+
+
+UPLOAD_SIZE = 5 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def big_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 5 MB wheel of sampleproject (incompressible data), built for real."""
+    (wheel,) = build(tmp_path_factory.mktemp("big"), "sampleproject", data=UPLOAD_SIZE, only="wheel")
+    assert wheel.stat().st_size > UPLOAD_SIZE
+    return wheel
+
+
+def mint_through(cluster: Cluster, issuer: TestIssuer) -> str:
+    response = httpx.post(f"{cluster.url}/_/oidc/mint-token", json={"token": issuer.gitlab_token()}, timeout=10)
+    assert response.status_code == 200, response.text
+    token: str = response.json()["token"]
+    return token
+
+
+def test_nginx_carries_a_5_mb_twine_upload_to_pypiserver(
+    cluster: Cluster, issuer: TestIssuer, index: Index, big_wheel: Path
+) -> None:
+    """twine uploads a 5 MB wheel through deploy/nginx.conf and one replica into pypiserver, byte for byte, sent
+    upstream once; nginx passed it on without a temp file."""
+    index.relay.reset()
+    start = cluster.access_log.stat().st_size
+    code, output = twine_upload(cluster.url, mint_through(cluster, issuer), [big_wheel])
+    assert code == 0, output
+    assert (index.pypiserver.packages / big_wheel.name).read_bytes() == big_wheel.read_bytes()
+    assert len(index.relay.received) == 1
+    (line,) = cluster.wait_mint_lines(start, 1, uri="/legacy/")
+    assert line["status"] == 200 and line["request_length"] > UPLOAD_SIZE
+    assert ", " not in line["upstream_addr"], line
+    # proxy_request_buffering off: nothing of the upload was written to nginx's client body temp directory.
+    assert not any((cluster.directory / "nginx" / "nginx-client-body").rglob("*"))
+
+
+def test_nginx_never_sends_one_upload_twice(
+    cluster: Cluster, issuer: TestIssuer, index: Index, big_wheel: Path
+) -> None:
+    """When the index answers an upload 503, the client gets that 503 and the index saw the upload exactly once:
+    nginx tries no other replica (each would send it again).
+
+    One POST, not twine: twine itself sends an upload again after a 5xx, which is the client's choice to make.
+    """
+    index.relay.reset()
+    index.relay.fail = 1
+    before = index.pypiserver.stored()
+    start = cluster.access_log.stat().st_size
+    body = fields(version="0.1.0") + part("content", big_wheel.read_bytes(), filename=big_wheel.name) + CLOSE
+    response = httpx.post(
+        f"{cluster.url}/legacy/",
+        content=body,
+        headers={"content-type": CONTENT_TYPE, "authorization": basic("__token__", mint_through(cluster, issuer))},
+        timeout=60,
+    )
+    assert response.status_code == 503
+    assert response.text == "the upstream index refused the upload (503): index briefly unavailable\n"
+    assert [len(received.body) for received in index.relay.received] == [len(body)]
+    (line,) = cluster.wait_mint_lines(start, 1, uri="/legacy/")
+    assert (line["status"], line["upstream_status"]) == (503, "503"), line
+    assert index.pypiserver.stored() == before
+
+
+def test_nginx_refuses_an_upload_over_the_cap_in_plain_text(cluster: Cluster, index: Index) -> None:
+    """A declared upload over nginx's /legacy/ limit (the default max_upload) gets 413 with the upload limit as
+    plain text, not mint-token's JSON, and reaches no replica."""
+    index.relay.reset()
+    start = cluster.access_log.stat().st_size
+    # A raw request: HTTP clients will not declare more body than they send.
+    assert cluster.nginx is not None
+    with socket.create_connection(("127.0.0.1", cluster.nginx.port), timeout=10) as connection:
+        connection.sendall(
+            b"POST /legacy/ HTTP/1.1\r\nHost: gateway.test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            + f"Content-Length: {100 * 1024 * 1024 + 1}\r\nConnection: close\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert b"\r\nContent-Type: text/plain; charset=utf-8\r\n" in head
+    assert body == b"the upload is larger than this gateway's limit of 104857600 bytes\n"
+    (line,) = cluster.wait_mint_lines(start, 1, uri="/legacy/")
+    assert line["upstream_addr"] == ""
+    assert index.relay.received == []
+
+
+def test_nginx_upload_limits_match_the_gateways_defaults() -> None:
+    """deploy/nginx.conf's /legacy/ body limit is [upstream] max_upload's default, and its read timeout outlasts
+    [upstream] timeout's; mint-token keeps the 16k limit and its retry of 503s."""
+    # Directives only: the comments explain them in the same words.
+    text = re.sub(r"#[^\n]*", "", (DEPLOY / "nginx.conf").read_text())
+    legacy = re.search(r"location = /legacy/ \{(.*?)\n        \}", text, re.S)
+    root = re.search(r"location / \{(.*?)\n        \}", text, re.S)
+    assert legacy is not None and root is not None
+    defaults = config.Upstream(url="https://index.example/", username="u", password="p")
+    assert "client_max_body_size 100m;" in legacy[1] and defaults.max_upload == 100 * 1024 * 1024
+    timeouts = [float(v) for v in re.findall(r"proxy_(?:read|send)_timeout (\d+)s;", legacy[1])]
+    assert len(timeouts) == 2 and min(timeouts) > defaults.timeout
+    assert "proxy_request_buffering off;" in legacy[1]
+    assert re.search(r"proxy_next_upstream error timeout;", legacy[1])
+    assert "non_idempotent" not in legacy[1] and "http_503" not in legacy[1]
+    assert "http_503 non_idempotent" in root[1]
+    assert re.search(r"^    client_max_body_size 16k;", text, re.M)
 
 
 def run_healthcheck(command: list[str], port: int) -> int:
