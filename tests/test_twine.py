@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,14 +110,18 @@ class UploadGateway:
 
 
 @contextmanager
-def serve_gateway(directory: Path, issuer: TestIssuer, upstream: str, password: str) -> Iterator[UploadGateway]:
-    """Run `gateway serve` with [upstream] pointing at the index, the password in an environment variable."""
+def serve_gateway(
+    directory: Path, issuer: TestIssuer, upstream: str, password: str, *, projects: Sequence[str] = (PROJECT,)
+) -> Iterator[UploadGateway]:
+    """Run `gateway serve` with [upstream] pointing at the index, the password in an environment variable, and one
+    publisher for `projects`."""
     directory.mkdir()
     key = generate_key()
     (directory / "key.json").write_text(json.dumps(key.as_dict(private=True)))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    path = write_config(directory, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], url=url, signing_key="key.json")
+    publisher = PUBLISHER | {"projects": list(projects)}
+    path = write_config(directory, {"gitlab-com": gitlab_issuer(issuer)}, [publisher], url=url, signing_key="key.json")
     upstream_table = (
         f'\n[upstream]\nurl = "{upstream}/"\nusername = "{OPERATOR[0]}"\npassword_env = "UPSTREAM_PASSWORD"\n'
     )
