@@ -53,6 +53,8 @@ KUBERNETES = DEPLOY / "kubernetes"
 # The oldest Kubernetes minor the manifests promise to work on (kubernetes-validate ships its schemas).
 KUBERNETES_VERSION = "1.30.0"
 SECRETS_DIR = "/run/secrets/gateway/"
+SPOOL_DIR = "/var/spool/gateway"
+UPSTREAM_PASSWORD_ENV = "GATEWAY_UPSTREAM_PASSWORD"
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
 # nginx's address towards the replicas (proxy_bind), the one trusted proxy of their config; clients are 127.0.0.1.
 NGINX_ADDRESS = "127.0.0.2"
@@ -99,19 +101,23 @@ def compose() -> dict[str, Any]:
 
 
 def load_with_secrets(directory: Path, issuers_toml: str, publishers_toml: str) -> config.Settings:
-    """Load a shipped config as the gateway would, with /run/secrets/gateway/ pointing at fresh keys in `directory`.
+    """Load a shipped config as the gateway would, with /run/secrets/gateway/ pointing at fresh keys in `directory`,
+    the spool directory in `directory` too, and the index password in the environment.
 
-    The key paths are the one thing rewritten: the secrets are mounted there in a container, and only there.
+    The key and spool paths are the one thing rewritten: those are mounted there in a container, and only there.
     """
     secrets = directory / "secrets"
     secrets.mkdir()
     key = generate_key()
     (secrets / "signing-key.json").write_text(json.dumps(key.as_dict(private=True)))
     (secrets / "previous-signing-key.json").write_text(json.dumps(public_jwk(key)))
-    assert SECRETS_DIR in issuers_toml
-    (directory / "issuers.toml").write_text(issuers_toml.replace(SECRETS_DIR, f"{secrets}/"))
+    assert SECRETS_DIR in issuers_toml and f'spool_dir = "{SPOOL_DIR}"' in issuers_toml
+    spool = directory / "spool"
+    spool.mkdir()
+    text = issuers_toml.replace(SECRETS_DIR, f"{secrets}/").replace(f'"{SPOOL_DIR}"', json.dumps(str(spool)))
+    (directory / "issuers.toml").write_text(text)
     (directory / "publishers.toml").write_text(publishers_toml)
-    return config.load(directory / "issuers.toml", environ={})
+    return config.load(directory / "issuers.toml", environ={UPSTREAM_PASSWORD_ENV: "the index password"})
 
 
 def seconds(duration: str) -> float:
@@ -190,7 +196,7 @@ def test_deployment_security_context() -> None:
     assert context["allowPrivilegeEscalation"] is False
     assert context["capabilities"] == {"drop": ["ALL"]}
     assert context["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert set(container["resources"]["requests"]) == {"cpu", "memory"}
+    assert set(container["resources"]["requests"]) == {"cpu", "memory", "ephemeral-storage"}
     assert "memory" in container["resources"]["limits"]
     anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
@@ -232,6 +238,32 @@ def test_deployment_mounts_the_configmap_and_secrets_the_config_names() -> None:
     reference = redis_env["valueFrom"]["secretKeyRef"]
     assert reference["key"] in secret(reference["name"])["stringData"]
     assert "redis_url" not in gateway_table
+
+
+def test_deployment_spools_uploads_on_a_disk_volume_sized_for_the_upload_cap() -> None:
+    """spool_dir is a disk-backed emptyDir (not memory) whose sizeLimit is max_upload x max_concurrent_uploads, also
+    requested as ephemeral storage; the index password comes from a key of the gateway-upstream Secret."""
+    pod = manifest("deployment.yaml")["spec"]["template"]["spec"]
+    container = gateway_container()
+    upstream = tomllib.loads(configmap_files()["issuers.toml"])["upstream"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    spool = volumes[mounts[upstream["spool_dir"]]["name"]]["emptyDir"]
+    assert "medium" not in spool
+    size = parse_quantity(spool["sizeLimit"])
+    assert size == upstream["max_upload"] * upstream["max_concurrent_uploads"]
+    assert parse_quantity(container["resources"]["requests"]["ephemeral-storage"]) == size
+
+    (password,) = [e for e in container["env"] if e["name"] == upstream["password_env"]]
+    reference = password["valueFrom"]["secretKeyRef"]
+    assert reference["key"] in secret(reference["name"])["stringData"]
+    assert upstream["url"].startswith("https://")
+
+
+def parse_quantity(quantity: str) -> int:
+    """A Kubernetes binary quantity like 400Mi in bytes."""
+    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}[unit]
 
 
 def secret(name: str) -> dict[str, Any]:
@@ -289,6 +321,10 @@ def test_shipped_config_loads(tmp_path: Path, source: str) -> None:
     assert len(settings.previous_signing_keys) == 1
     assert settings.redis_url is None  # it comes from $GATEWAY_REDIS_URL, a secret
     assert settings.publishers == ()  # a fresh deployment grants nothing
+    assert settings.upstream is not None and settings.upstream.password == "the index password"
+    assert settings.upstream.spool_dir == tmp_path / "spool"
+    # deploy/nginx.conf's /legacy/ location is sized for these.
+    assert settings.upstream.max_upload == 100 * 1024 * 1024 and settings.upstream.timeout < 330
 
 
 def test_placeholder_secret_is_refused(tmp_path: Path) -> None:
@@ -338,7 +374,7 @@ def test_compose_runs_three_identical_replicas_behind_nginx_with_redis() -> None
     services = document["services"]
     replicas = {name: service for name, service in services.items() if name.startswith("gateway-")}
     assert sorted(replicas) == ["gateway-1", "gateway-2", "gateway-3"]
-    assert set(services) == {*replicas, "redis", "nginx"}
+    assert set(services) == {*replicas, "redis", "nginx", "pypiserver"}
     first = replicas["gateway-1"]
     assert all(service == first for service in replicas.values())
 
@@ -365,6 +401,24 @@ def test_compose_runs_three_identical_replicas_behind_nginx_with_redis() -> None
     )
     for name, service in services.items():
         assert service["healthcheck"]["test"][0] == "CMD", name
+
+
+def test_compose_replicas_upload_to_pypiserver_on_a_network_of_their_own() -> None:
+    """[upstream] is the compose pypiserver over plain http (allow_http), on a network only the replicas and it
+    share; the password comes from an env_file; spool_dir is a disk volume of each replica."""
+    document = compose()
+    services = document["services"]
+    upstream = tomllib.loads((DEPLOY / "config" / "issuers.toml").read_text())["upstream"]
+    assert upstream["url"] == "http://pypiserver:8080/" and upstream["allow_http"] is True
+    on_index = sorted(name for name, service in services.items() if "index" in service.get("networks", []))
+    assert on_index == ["gateway-1", "gateway-2", "gateway-3", "pypiserver"]
+    replica = services["gateway-1"]
+    assert replica["env_file"] == "./secrets/upstream.env"
+    (spool,) = [v for v in replica["volumes"] if v["target"] == upstream["spool_dir"]]
+    assert spool["type"] == "volume"
+    command = services["pypiserver"]["command"]
+    assert "--port=8080" in command and "--authenticate=update" in command
+    assert {s["target"] for s in services["pypiserver"]["secrets"]} == {"/run/secrets/htpasswd"}
 
 
 def test_compose_network_trusts_only_nginx() -> None:
@@ -446,6 +500,9 @@ def test_dockerfile_builds_a_pinned_slim_non_root_image() -> None:
     assert "COPY" not in keywords and "ADD" not in keywords
     runs = " ".join(arguments for keyword, arguments in final if keyword == "RUN")
     assert "apt-get" not in runs and "--mount=type=bind,from=build" in runs and "--no-index" in runs
+    # The shipped configs' spool_dir, owned by the user the image runs as (a volume mounted there inherits it).
+    uid = dockerfile_uid()
+    assert f"install -d -o {uid} -g {uid} -m 0700 {SPOOL_DIR}" in runs
     assert dockerfile_uid() >= 1000
     assert ("EXPOSE", "8000") in final
     assert ("STOPSIGNAL", "SIGTERM") in final
