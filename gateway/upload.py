@@ -82,7 +82,6 @@ class UploadProxy:
             trust_env=False,
             headers={"User-Agent": "gateway (trusted publishing upload proxy)"},
         )
-
         # Uploads in progress in this process (see [upstream] max_concurrent_uploads).
         self.active = 0
 
