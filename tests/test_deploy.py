@@ -915,6 +915,8 @@ def test_nginx_upload_limits_match_the_gateways_defaults() -> None:
     assert "non_idempotent" not in legacy[1] and "http_503" not in legacy[1]
     assert "http_503 non_idempotent" in root[1]
     assert re.search(r"^    client_max_body_size 16k;", text, re.M)
+    # A stalled body is cut off (the replica then sees the client gone and frees the upload's slot).
+    assert re.search(r"^    client_body_timeout 10s;", text, re.M)
 
 
 def run_healthcheck(command: list[str], port: int) -> int:

@@ -717,6 +717,37 @@ async def test_refused_uploads_free_their_slot(make_proxy: MakeProxy, issuer: Te
     assert proxy.app.state.upload.active == 0
 
 
+async def test_client_gone_mid_upload_frees_its_slot_and_forwards_nothing(
+    make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """A client that disconnects halfway through its body (as nginx does after client_body_timeout) gets nothing
+    forwarded and leaves no upload slot taken."""
+    proxy = await make_proxy(upstream=["max_concurrent_uploads = 1"])
+    token = await proxy.mint(issuer)
+    body = upload_body()
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": body[:100], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    # Driven as the server would, because an HTTP client cannot send half a body and vanish through the ASGI
+    # transport.
+    headers = [(b"content-type", CONTENT_TYPE.encode()), (b"authorization", basic("__token__", token).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/legacy/", "headers": headers, "query_string": b""}
+    await proxy.app.state.upload(scope, receive, send)
+    assert sent == [] and messages == []
+    assert proxy.app.state.upload.active == 0
+    assert (await proxy.upload(token, body)).status_code == 200
+    assert len(index.received) == 1
+
+
 def open_files_under(directory: Path) -> list[str]:
     """Files this process has open whose path lies in `directory` (deleted temporary files included), from /proc."""
     found = []
