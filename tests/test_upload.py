@@ -438,8 +438,8 @@ async def test_declared_oversized_upload_is_refused_before_reading(
 
 
 BOTTLE_409 = (
-    "<!DOCTYPE HTML PUBLIC \"-//IETF//DTD HTML 2.0//EN\">\n<html><head><title>Error: 409 Conflict</title>"
-    "<style type=\"text/css\">html {background-color: #eee;}</style></head><body><h1>Error: 409 Conflict</h1>"
+    '<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">\n<html><head><title>Error: 409 Conflict</title>'
+    '<style type="text/css">html {background-color: #eee;}</style></head><body><h1>Error: 409 Conflict</h1>'
     "<p>Sorry, the requested URL <tt>&#039;{url}&#039;</tt> caused an error:</p>"
     "<pre>Package &#039;sampleproject-1.0.0.tar.gz&#039; already exists!\n</pre></body></html>"
 )
@@ -808,7 +808,13 @@ def test_upstream_defaults(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1:8080/", "http://[::1]:8080/", "http://localhost/", "http://127.9.9.9/", "https://index.example/"],
+    [
+        "http://127.0.0.1:8080/",
+        "http://[::1]:8080/",
+        "http://localhost/",
+        "http://127.9.9.9/",
+        "https://index.example/",
+    ],
 )
 def test_https_or_loopback_upstream_needs_no_allow_http(tmp_path: Path, url: str) -> None:
     """https anywhere, and plain http to this host's loopback, are accepted as they are."""
