@@ -110,8 +110,8 @@ class UploadProxy:
             if self.active >= upstream.max_concurrent_uploads:
                 log.warning("upload refused: %d uploads in progress (max_concurrent_uploads)", self.active)
                 raise UploadsBusy(
-                    f"this gateway replica has {upstream.max_concurrent_uploads} uploads in progress; "
-                    f"retry in {RETRY_AFTER} s",
+                    f"too many uploads in progress at this gateway replica (its limit is "
+                    f"{upstream.max_concurrent_uploads}); retry in {RETRY_AFTER} s",
                     RETRY_AFTER,
                 )
             self.active += 1

@@ -697,7 +697,7 @@ async def test_uploads_past_max_concurrent_get_503_with_retry_after(
     busy = await proxy.upload(token, chunks(upload_body(), 64, pulled))
     assert busy.status_code == 503
     assert busy.headers["retry-after"] == "10"
-    assert busy.text == "this gateway replica has 2 uploads in progress; retry in 10 s\n"
+    assert busy.text == "too many uploads in progress at this gateway replica (its limit is 2); retry in 10 s\n"
     assert pulled == []
 
     for h in held:
@@ -705,6 +705,33 @@ async def test_uploads_past_max_concurrent_get_503_with_retry_after(
     assert [r.status_code for r in await asyncio.gather(*in_progress)] == [200, 200]
     assert (await proxy.upload(token, upload_body())).status_code == 200
     assert len(index.received) == 3
+
+
+async def test_reload_mid_upload_applies_to_the_next_upload_only(
+    make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that lowers max_concurrent_uploads and moves the url while an upload is in progress: that upload
+    finishes to the index it started with, and the next one is counted against the new limit."""
+    proxy = await make_proxy(upstream=["max_concurrent_uploads = 2"])
+    token = await proxy.mint(issuer)
+    held = Held(upload_body(), 100)
+    in_progress = asyncio.create_task(proxy.upload(token, held.__aiter__()))
+    await asyncio.wait_for(held.reached.wait(), 10)
+
+    path = proxy.exchange.settings.config_path
+    moved = index.url.replace("/upload/", "/moved/")
+    text = path.read_text().replace(f"url = {json.dumps(index.url)}", f"url = {json.dumps(moved)}")
+    path.write_text(text.replace("max_concurrent_uploads = 2", "max_concurrent_uploads = 1"))
+    monkeypatch.setenv("UPSTREAM_PASSWORD", OPERATOR[1])
+    assert await proxy.app.state.reloader.reload()
+    busy = await proxy.upload(token, upload_body())
+    assert busy.status_code == 503
+    assert "(its limit is 1)" in busy.text
+
+    held.release.set()
+    assert (await in_progress).status_code == 200
+    assert (await proxy.upload(token, upload_body())).status_code == 200
+    assert [received.path for received in index.received] == ["/upload/", "/moved/"]
 
 
 async def test_refused_uploads_free_their_slot(make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex) -> None:
