@@ -142,6 +142,18 @@ def test_twine_publishes_to_devpi_through_the_gateway(
     served = httpx.get(f"{devpi.base}/{INDEX}/+simple/{PROJECT}/", timeout=10)
     assert SDIST in served.text and WHEEL in served.text
 
+    # Other bytes under the same name: devpi refuses to overwrite (it skips an identical file), and the job reads
+    # devpi's reason, not its page or its address.
+    (tmp_path / "again").mkdir()
+    (changed,) = build(tmp_path / "again", PROJECT, data=16, only="sdist")
+    assert changed.name == SDIST
+    code, output = twine(devpi_gateway, str(devpi_gateway.mint(_issuer.gitlab_token())["token"]), [changed])
+    assert code != 0
+    assert "HTTPError: 409 Conflict" in output, output
+    assert "the upstream index refused the upload (409):" in output, output
+    assert "<" not in output.split("(409):", 1)[1].split("\n", 1)[0]
+    assert devpi.base.removeprefix("http://") not in output
+
 
 def form(
     *,
