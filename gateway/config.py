@@ -12,7 +12,7 @@ import re
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,6 +55,10 @@ class Upstream:
     password: str = field(repr=False)
     max_upload: int = 100 * 1024 * 1024
     timeout: float = 300.0
+    # Where uploads are spooled past their first MiB; None: the system temporary directory.
+    spool_dir: Path | None = None
+    max_concurrent_uploads: int = 4
+    allow_http: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,17 +263,53 @@ def _upstream(
     password_env = t.string("password_env", required=True)
     max_upload = t.number("max_upload", 100 * 1024 * 1024, minimum=1024)
     timeout = t.number("timeout", 300.0, minimum=1, integer=False)
+    spool = t.string("spool_dir")
+    max_concurrent_uploads = t.number("max_concurrent_uploads", 4, minimum=1, maximum=10_000)
+    allow_http = t.get("allow_http", bool, False)
     t.finish()
     if url is not None and not is_base_url(url, schemes=("https", "http")):
         t.problem("url", f"must be an http(s) URL with no query or fragment (got {url!r})")
         url = None
+    if url is not None and urlsplit(url).scheme == "http" and not allow_http and not _is_loopback(url):
+        # The operator's index password goes in every upload's Authorization header.
+        t.problem(
+            "url",
+            f"{url!r} is plain http to another host: the index password would cross the network in clear; use "
+            "https, or set allow_http = true if that network is trusted",
+        )
+        url = None
+    spool_dir = None
+    if spool is not None:
+        spool_dir = path.parent / spool
+        # Like the password, the spool matters only where uploads are served (explain may run elsewhere).
+        if uploads and (not spool_dir.is_dir() or not os.access(spool_dir, os.W_OK | os.X_OK)):
+            t.problem("spool_dir", f"{spool_dir} is not a writable directory")
     # The password never sits in a config file: the file names the environment variable that holds it.
     password = environ.get(password_env) if password_env else None
     if password_env is not None and not password and uploads:
         t.problem("password_env", f"${password_env} is not set (it must hold the upstream index's password)")
     if url is None or username is None or not password:
         return None
-    return Upstream(url=url, username=username, password=password, max_upload=max_upload, timeout=float(timeout))
+    return Upstream(
+        url=url,
+        username=username,
+        password=password,
+        max_upload=max_upload,
+        timeout=float(timeout),
+        spool_dir=spool_dir,
+        max_concurrent_uploads=max_concurrent_uploads,
+        allow_http=allow_http,
+    )
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _redis_prefix(t: Table) -> str:

@@ -10,6 +10,19 @@
      +-- IssuerUnavailable     503 issuer-unavailable
      +-- ReplayStoreUnavailable 503 replay-store-unavailable
      +-- InternalError         500 internal-error (a bug: an unexpected exception, never an input's fault)
+     +-- UploadError           the /legacy/ upload proxy's refusals, answered as one plain-text line (twine
+          |                    shows the body with --verbose), never the JSON shape of mint-token
+          +-- InvalidUpload             400 invalid-upload   the form, its fields or its files (gateway.multipart)
+          |    +-- UploadTooLarge       413 upload-too-large
+          +-- UploadUnauthenticated     401 invalid-credentials  no Basic credentials (WWW-Authenticate)
+          +-- UploadForbidden           403 upload-forbidden     the token is not valid, or not for this project
+          +-- NoUpstream                404 no-upstream          no [upstream] configured
+          +-- UploadsBusy               503 uploads-busy         max_concurrent_uploads in progress (Retry-After)
+          +-- RevocationsUnavailable    503 revocations-unavailable  revocations cannot be read (gateway.state)
+          +-- UpstreamError             502 upstream-unavailable the index cannot be reached or answers oddly
+          |    +-- UpstreamTimeout      504 upstream-timeout
+          |    +-- UpstreamCredentials  502 upstream-credentials-refused  the operator's index login was refused
+          +-- UpstreamRefused           (the index's status) upstream-refused  the index's own refusal, as text
 
     ConfigError(problems)   a config that must not be served; one line per problem
 
@@ -25,6 +38,8 @@ from collections.abc import Sequence
 class GatewayError(Exception):
     code = "invalid-payload"
     status = 422
+    # Seconds a client should wait before trying again; answered as Retry-After when set.
+    retry_after: int | None = None
 
     def __init__(self, description: str) -> None:
         super().__init__(description)
@@ -73,6 +88,73 @@ class ReplayStoreUnavailable(GatewayError):
 class InternalError(GatewayError):
     code = "internal-error"
     status = 500
+
+
+class UploadError(GatewayError):
+    code = "invalid-upload"
+    status = 400
+
+
+class InvalidUpload(UploadError):
+    pass
+
+
+class UploadTooLarge(InvalidUpload):
+    code = "upload-too-large"
+    status = 413
+
+
+class UploadUnauthenticated(UploadError):
+    code = "invalid-credentials"
+    status = 401
+
+
+class UploadForbidden(UploadError):
+    code = "upload-forbidden"
+    status = 403
+
+
+class NoUpstream(UploadError):
+    code = "no-upstream"
+    status = 404
+
+
+class UploadsBusy(UploadError):
+    code = "uploads-busy"
+    status = 503
+
+    def __init__(self, description: str, retry_after: int) -> None:
+        super().__init__(description)
+        self.retry_after = retry_after
+
+
+class RevocationsUnavailable(UploadError):
+    code = "revocations-unavailable"
+    status = 503
+
+
+class UpstreamError(UploadError):
+    code = "upstream-unavailable"
+    status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    code = "upstream-timeout"
+    status = 504
+
+
+class UpstreamCredentials(UpstreamError):
+    code = "upstream-credentials-refused"
+
+
+class UpstreamRefused(UploadError):
+    """The upstream index's own refusal (409 exists, 400 invalid file, ...), its status kept, its text cleaned."""
+
+    code = "upstream-refused"
+
+    def __init__(self, status: int, description: str) -> None:
+        super().__init__(description)
+        self.status = status
 
 
 class ConfigError(Exception):

@@ -15,7 +15,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
-from .errors import GatewayError, InternalError, InvalidPayload, PayloadTooLarge, RateLimited
+from .errors import (
+    GatewayError,
+    InternalError,
+    InvalidPayload,
+    PayloadTooLarge,
+    UploadError,
+    UploadUnauthenticated,
+)
 from .exchange import Attempt, Exchange, missing_token
 from .jose import StrictJSONError, strict_loads
 from .logs import audit
@@ -29,7 +36,24 @@ def error_body(error: GatewayError) -> dict[str, Any]:
 
 
 def error_headers(error: GatewayError) -> dict[str, str]:
-    return {"Retry-After": str(error.retry_after)} if isinstance(error, RateLimited) else {}
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, UploadUnauthenticated):
+        headers["WWW-Authenticate"] = 'Basic realm="gateway upload", charset="UTF-8"'
+    return headers
+
+
+async def upload_error(send: Send, error: UploadError) -> None:
+    """An upload refusal as twine shows it (with --verbose): the description, one line of plain text."""
+    body = (error.description + "\n").encode("utf-8")
+    raw_headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode(), value.encode()) for name, value in error_headers(error).items()),
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def gateway_error(request: Request, exc: Exception) -> Response:
@@ -135,7 +159,7 @@ class Endpoints:
             Route("/livez", self.livez, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics_text, methods=["GET"]),
-            *([Route("/legacy/", self.upload, methods=["POST"])] if self.upload is not None else []),
+            *([Route("/legacy/", _Asgi(self.legacy_upload), methods=["POST"])] if self.upload is not None else []),
         ]
 
     async def audience(self, request: Request) -> Response:
@@ -188,6 +212,13 @@ class Endpoints:
         ]
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": content})
+
+    async def legacy_upload(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.upload is not None
+        try:
+            await self.upload(scope, receive, send)
+        except UploadError as e:
+            await upload_error(send, e)
 
     async def discovery(self, request: Request) -> Response:
         url = self.settings.url

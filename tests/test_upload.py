@@ -30,11 +30,9 @@ from gateway.app import create_app
 from gateway.mint import generate_key
 from gateway.testing import FakeClock, TestIssuer, free_port
 from tests.conftest import PUBLISHER, gitlab_issuer, write_config
+from tests.test_multipart import BOUNDARY, CLOSE, CONTENT_TYPE, SDIST, fields, part, upload_body
 
-BOUNDARY = "9f2c4e6a8b0d1f3e5a7c9e1b3d5f7a9c"
-CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
 OPERATOR = ("operator", "operator-secret")
-SDIST = "sampleproject-1.0.0.tar.gz"
 TTL = 900
 LEEWAY = 30
 
@@ -173,6 +171,7 @@ async def make_proxy(
         previous: Sequence[Key] = (),
         url: str | None = None,
         max_upload: int | None = None,
+        upstream: Sequence[str] = (),
     ) -> Proxy:
         directory = tmp_path / f"gateway-{len(made)}"
         directory.mkdir()
@@ -190,6 +189,7 @@ async def make_proxy(
         ]
         if max_upload is not None:
             table.append(f"max_upload = {max_upload}")
+        table.extend(upstream)
         path.write_text(path.read_text() + "\n" + "\n".join(table) + "\n")
         settings = config.load(path, {**os.environ, "UPSTREAM_PASSWORD": OPERATOR[1]})
         made.append(Proxy(create_app(settings, clock=clock)))
@@ -220,41 +220,6 @@ def payload(size: int) -> bytes:
     return b"".join(blocks)[:size]
 
 
-def part(name: str, value: bytes | str, *, filename: str | None = None, extra: str = "") -> bytes:
-    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-    headers = f"Content-Disposition: {disposition}\r\n"
-    if filename:
-        headers += "Content-Type: application/octet-stream\r\n"
-    data = value.encode() if isinstance(value, str) else value
-    return f"--{BOUNDARY}\r\n{headers}{extra}\r\n".encode() + data + b"\r\n"
-
-
-CLOSE = f"--{BOUNDARY}--\r\n".encode()
-
-
-def fields(name: str = "sampleproject", action: str = "file_upload") -> bytes:
-    """The metadata fields twine sends before the file, repeated fields included."""
-    return b"".join(
-        [
-            part(":action", action),
-            part("protocol_version", "1"),
-            part("metadata_version", "2.4"),
-            part("name", name),
-            part("version", "1.0.0"),
-            part("filetype", "sdist"),
-            part("pyversion", "source"),
-            part("classifiers", "Programming Language :: Python :: 3"),
-            part("classifiers", "License :: OSI Approved :: MIT License"),
-        ]
-    )
-
-
-def upload_body(
-    name: str = "sampleproject", filename: str = SDIST, content: bytes = b"sdist bytes", action: str = "file_upload"
-) -> bytes:
-    return fields(name, action) + part("content", content, filename=filename) + CLOSE
-
-
 async def chunks(data: bytes, size: int, pulled: list[int]) -> AsyncIterator[bytes]:
     """Yield `data` in pieces, recording how many bytes the server asked for."""
     for start in range(0, len(data), size):
@@ -272,7 +237,7 @@ async def test_upload_is_forwarded_byte_for_byte_with_the_operators_credentials(
     index.answer = b"stored sampleproject-1.0.0.tar.gz"
     response = await proxy.upload(token, body)
     assert response.status_code == 200, response.text
-    assert response.content == b"stored sampleproject-1.0.0.tar.gz"
+    assert response.text == "stored sampleproject-1.0.0.tar.gz\n"
     [received] = index.received
     assert (received.method, received.path) == ("POST", "/upload/")
     assert received.body == body
@@ -287,18 +252,19 @@ async def test_wheel_with_its_signature_and_a_normalized_name_is_forwarded(
 ) -> None:
     """Names are compared PEP 503-normalized, and a wheel goes up together with its detached signature."""
     token = await proxy.mint(issuer)
-    wheel = "SampleProject-1.0.0-py3-none-any.whl"
+    # "Sample_Project" normalizes to sample-project, which the publisher's "sampleproject" is not ...
+    wheel = "sample_project-1.0.0-py3-none-any.whl"
     body = (
         fields(name="Sample_Project")
         + part("content", b"wheel bytes", filename=wheel)
         + part("gpg_signature", b"signature", filename=wheel + ".asc")
         + CLOSE
     )
-    # "Sample_Project" normalizes to sample-project, which the publisher's "sampleproject" is not ...
     refused = await proxy.upload(token, body)
     assert refused.status_code == 403
+    assert "may not upload to project 'Sample_Project'" in refused.text
     # ... while "SampleProject" is the same project as "sampleproject".
-    body = body.replace(b"Sample_Project", b"SampleProject")
+    body = body.replace(b"Sample_Project", b"SampleProject").replace(b"sample_project", b"SampleProject")
     response = await proxy.upload(token, body)
     assert response.status_code == 200, response.text
     assert [received.body for received in index.received] == [body]
@@ -326,7 +292,8 @@ async def test_project_outside_the_token_is_refused_and_nothing_is_forwarded(
 ) -> None:
     """A token for sampleproject cannot upload another project; the refusal names both, and upstream sees nothing."""
     token = await proxy.mint(issuer)
-    response = await proxy.upload(token, upload_body(name="requests", filename="requests-2.99.0.tar.gz"))
+    body = upload_body(name="requests", filename="requests-2.99.0.tar.gz", version="2.99.0")
+    response = await proxy.upload(token, body)
     assert response.status_code == 403
     assert response.headers["content-type"] == "text/plain; charset=utf-8"
     assert response.text == "this upload token may not upload to project 'requests'; it allows: sampleproject\n"
@@ -470,27 +437,76 @@ async def test_declared_oversized_upload_is_refused_before_reading(
     assert index.received == []
 
 
+BOTTLE_409 = (
+    '<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">\n<html><head><title>Error: 409 Conflict</title>'
+    '<style type="text/css">html {background-color: #eee;}</style></head><body><h1>Error: 409 Conflict</h1>'
+    "<p>Sorry, the requested URL <tt>&#039;{url}&#039;</tt> caused an error:</p>"
+    "<pre>Package &#039;sampleproject-1.0.0.tar.gz&#039; already exists!\n</pre></body></html>"
+)
+
+
 @pytest.mark.parametrize(
-    ("status", "answer"),
+    ("status", "content_type", "answer", "expected"),
     [
-        pytest.param(400, b"400 Bad Request: Invalid distribution file.", id="400"),
-        pytest.param(409, b"Package 'sampleproject-1.0.0.tar.gz' already exists!", id="409"),
-        pytest.param(401, b"Access denied: bad credentials", id="401-operator-credentials"),
-        pytest.param(500, b"Internal index error", id="500"),
+        pytest.param(
+            409,
+            "text/html; charset=UTF-8",
+            BOTTLE_409,
+            "the upstream index refused the upload (409): Package 'sampleproject-1.0.0.tar.gz' already exists!",
+            id="409-bottle-page",
+        ),
+        pytest.param(
+            400,
+            "text/html",
+            "<html><body><h1>Invalid distribution</h1><p>See {url}help and https://pypi.org/help/</p></body></html>",
+            "the upstream index refused the upload (400): Invalid distribution See <the upstream index> and "
+            "https://pypi.org/help/",
+            id="400-html-with-urls",
+        ),
+        pytest.param(
+            500,
+            "text/plain",
+            "Internal index error at {netloc}\r\n\tretry later",
+            "the upstream index refused the upload (500): Internal index error at <the upstream index> retry later",
+            id="500-text",
+        ),
+        pytest.param(503, "text/plain", "", "the upstream index refused the upload (503): (no reason)", id="503"),
     ],
 )
-async def test_upstream_answer_is_passed_back_faithfully(
-    proxy: Proxy, issuer: TestIssuer, index: FakeIndex, status: int, answer: bytes
+async def test_upstream_refusal_is_passed_back_as_its_message(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex, status: int, content_type: str, answer: str, expected: str
 ) -> None:
-    """The upstream's status code and body come back to the uploader unchanged."""
-    index.status, index.answer = status, answer
-    index.answer_headers = {"content-type": "text/html; charset=UTF-8", "www-authenticate": 'Basic realm="pypi"'}
+    """The upstream's status comes back with its message as one line of text: no HTML, no upstream address."""
+    netloc = httpx.URL(index.url).netloc.decode()
+    index.status, index.answer = status, answer.replace("{url}", index.url).replace("{netloc}", netloc).encode()
+    index.answer_headers = {"content-type": content_type, "www-authenticate": 'Basic realm="pypi"'}
     response = await proxy.upload(await proxy.mint(issuer), upload_body())
     assert response.status_code == status
-    assert response.content == answer
-    assert response.headers["content-type"] == "text/html; charset=UTF-8"
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.text == expected + "\n"
+    assert netloc not in response.text and "127.0.0.1" not in response.text
     # The upstream's challenge is for the operator's credentials; passing it on would mislead the uploader.
     assert "www-authenticate" not in response.headers
+    assert len(index.received) == 1
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_upstream_refusing_the_operators_credentials_is_a_bad_gateway(
+    proxy: Proxy, issuer: TestIssuer, index: FakeIndex, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream 401 or 403 is answered 502 saying the gateway's index credentials were refused (not the job's
+    token); the upstream's page is not passed on, and the operator's log names the settings to fix."""
+    index.status = status
+    index.answer = f"<html><title>{status}</title><body>login failed at {index.url}</body></html>".encode()
+    index.answer_headers = {"content-type": "text/html", "www-authenticate": 'Basic realm="pypi"'}
+    response = await proxy.upload(await proxy.mint(issuer), upload_body())
+    assert response.status_code == 502
+    assert response.text == (
+        f"the upstream index refused this gateway's index credentials ({status}); the upload token is fine, the "
+        "gateway's operator must fix [upstream] username and password\n"
+    )
+    assert "www-authenticate" not in response.headers
+    assert "check [upstream] username and password_env" in caplog.text
     assert len(index.received) == 1
 
 
@@ -521,76 +537,26 @@ async def test_legacy_route_exists_only_with_an_upstream(gateway: Any) -> None:
     assert response.status_code == 404
 
 
-OTHER = "requests-2.99.0.tar.gz"
-
-
-def bad(id: str, body: bytes, fragment: str) -> Any:
-    return pytest.param(body, fragment, id=id)
-
-
-def with_file(*files: bytes) -> bytes:
-    return fields() + b"".join(files) + CLOSE
-
-
-def replaced(old: bytes | str, new: bytes | str) -> bytes:
-    def encode(value: bytes | str) -> bytes:
-        return value.encode() if isinstance(value, str) else value
-
-    return upload_body().replace(encode(old), encode(new))
-
-
-SDIST_PART = part("content", b"x", filename=SDIST)
-FILENAME = f'filename="{SDIST}"'
-
-BAD_UPLOADS = [
-    bad("file-of-other-project", upload_body(filename=OTHER), "not a distribution of project"),
-    bad("wheel-of-other-project", upload_body(filename="requests-2.99.0-py3-none-any.whl"), "not a distribution"),
-    # pypiserver reads this as project "sampleproject"; a last-hyphen split would read "sampleproject-1.0-evil".
-    bad("ambiguous-sdist-name", upload_body(filename="sampleproject-1.0-evil-2.0.tar.gz"), "not a wheel or sdist"),
-    bad("not-a-distribution", upload_body(filename="sampleproject-1.0.0.exe"), "not a wheel or sdist file name"),
-    # Versions start with a digit: pypiserver files the wheel under project "sampleproject-evil".
-    bad("wheel-version-not-a-digit", upload_body(filename="sampleproject-evil-1.0-py3-none-any.whl"), "not a wheel"),
-    bad("sdist-version-not-a-digit", upload_body(filename="sampleproject-evil.tar.gz"), "not a wheel"),
-    bad("duplicate-name", with_file(part("name", "requests"), SDIST_PART), "'name' appears more than once"),
-    bad("duplicate-content", with_file(SDIST_PART, part("content", b"y", filename=OTHER)), "'content' appears more"),
-    bad("duplicate-action", with_file(part(":action", "file_upload"), SDIST_PART), "':action' appears more"),
-    bad("boundary-inside-a-part", upload_body(content=f"a\r\n--{BOUNDARY}X\r\nb".encode()), "ambiguous"),
-    bad("part-after-the-end", upload_body() + part("content", b"x", filename=OTHER) + CLOSE, "ambiguous"),
-    bad("epilogue", upload_body() + b"epilogue", "after its closing"),
-    bad("no-closing-boundary", upload_body().replace(CLOSE, b""), "ended before"),
-    bad(
-        "unexpected-part-header",
-        with_file(part("content", b"x", filename=SDIST, extra="Content-Transfer-Encoding: base64\r\n")),
-        "'content-transfer-encoding'",
-    ),
-    bad(
-        "repeated-disposition",
-        with_file(part("content", b"x", filename=SDIST, extra='Content-Disposition: form-data; name="x"\r\n')),
-        "repeated 'content-disposition'",
-    ),
-    bad("extended-filename", replaced(FILENAME, f"filename*=UTF-8''{OTHER}"), "Content-Disposition"),
-    bad("two-filenames", replaced(FILENAME, f'{FILENAME}; filename="{OTHER}"'), "Content-Disposition"),
-    bad("other-action", upload_body(action="submit"), "only ':action' file_upload"),
-    bad("no-action", replaced(part(":action", "file_upload"), b""), "only ':action' file_upload"),
-    bad("no-name", replaced(part("name", "sampleproject"), b""), "no 'name' field"),
-    bad("no-content", fields() + CLOSE, "no 'content' file"),
-    bad(
-        "file-in-name-field", replaced(part("name", "sampleproject"), part("name", "x", filename=SDIST)), "carry files"
-    ),
-    bad(
-        "unrelated-signature", with_file(SDIST_PART, part("gpg_signature", b"s", filename=OTHER + ".asc")), "is not for"
-    ),
-    bad("preamble", b"garbage" + upload_body(), "well-formed"),
-]
-
-
-@pytest.mark.parametrize(("body", "fragment"), BAD_UPLOADS)
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        pytest.param(upload_body(content=f"a\r\n--{BOUNDARY}X\r\nb".encode()), "ambiguous", id="ambiguous"),
+        pytest.param(upload_body(version="6.1"), "not of the 'version' field's version", id="version-mismatch"),
+        pytest.param(
+            upload_body().replace(b"application/octet-stream", b"application/octet-stream; charset=utf-7"),
+            "bare Content-Type",
+            id="charset",
+        ),
+    ],
+)
 async def test_malformed_or_ambiguous_upload_is_refused_and_nothing_is_forwarded(
     proxy: Proxy, issuer: TestIssuer, index: FakeIndex, body: bytes, fragment: str
 ) -> None:
-    """An upload the upstream could read differently from the gateway is refused with 400 and the reason."""
+    """A body the multipart reader refuses (tests/test_multipart.py has them all) gets 400 with the reason as
+    plain text, and nothing reaches the upstream."""
     response = await proxy.upload(await proxy.mint(issuer), body)
     assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
     assert fragment in response.text
     assert index.received == []
 
@@ -600,7 +566,6 @@ async def test_malformed_or_ambiguous_upload_is_refused_and_nothing_is_forwarded
     [
         pytest.param("application/json", {}, id="not-multipart"),
         pytest.param(f"multipart/form-data; boundary={BOUNDARY}; boundary=other", {}, id="two-boundaries"),
-        pytest.param("multipart/form-data", {}, id="no-boundary"),
         pytest.param(CONTENT_TYPE, {"Content-Encoding": "gzip"}, id="content-encoded"),
     ],
 )
@@ -659,15 +624,17 @@ async def test_non_ascii_basic_credentials_are_refused(proxy: Proxy, index: Fake
     assert index.received == []
 
 
-async def test_upstream_content_type_outside_printable_ascii_is_passed_back_as_octet_stream(
+async def test_upstream_answer_with_odd_bytes_comes_back_as_clean_text(
     proxy: Proxy, issuer: TestIssuer, index: FakeIndex
 ) -> None:
-    """An upstream Content-Type that is not printable ASCII comes back as application/octet-stream, not a 500."""
+    """An upstream answer with a non-ASCII Content-Type, invalid UTF-8 and control characters comes back as
+    printable plain text, not a 500 and not the raw bytes."""
     index.answer_headers = {"content-type": "text/plain; x=\u20ac"}
+    index.answer = b"stored \xff\x1b[31m ok"
     response = await proxy.upload(await proxy.mint(issuer), upload_body())
     assert response.status_code == 200
-    assert response.content == b"OK"
-    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.text == "stored \ufffd?[31m ok\n"
 
 
 async def test_upstream_added_by_a_reload_serves_legacy(
@@ -693,3 +660,214 @@ async def test_upstream_added_by_a_reload_serves_legacy(
         await gateway.app.state.upload.aclose()  # make_gateway's teardown does not close the upload client
     assert response.status_code == 200, response.text
     assert [received.headers["authorization"] for received in index.received] == [basic(*OPERATOR)]
+
+
+# --- Capacity: uploads in progress, and where their bodies wait ----------------------------------------------------
+
+
+class Held:
+    """An upload body sent up to a point, then held until released: an upload in progress, for as long as needed."""
+
+    def __init__(self, body: bytes, hold_at: int) -> None:
+        self.body = body
+        self.hold_at = hold_at
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.body[: self.hold_at]
+        self.reached.set()
+        await self.release.wait()
+        yield self.body[self.hold_at :]
+
+
+async def test_uploads_past_max_concurrent_get_503_with_retry_after(
+    make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """With max_concurrent_uploads uploads in progress, one more is answered 503 with Retry-After before its body is
+    read; the uploads in progress finish, and once one has, the next upload goes through."""
+    proxy = await make_proxy(upstream=["max_concurrent_uploads = 2"])
+    token = await proxy.mint(issuer)
+    held = [Held(upload_body(), 100), Held(upload_body(), 100)]
+    in_progress = [asyncio.create_task(proxy.upload(token, h.__aiter__())) for h in held]
+    for h in held:
+        await asyncio.wait_for(h.reached.wait(), 10)
+
+    pulled: list[int] = []
+    busy = await proxy.upload(token, chunks(upload_body(), 64, pulled))
+    assert busy.status_code == 503
+    assert busy.headers["retry-after"] == "10"
+    assert busy.text == "too many uploads in progress at this gateway replica (its limit is 2); retry in 10 s\n"
+    assert pulled == []
+
+    for h in held:
+        h.release.set()
+    assert [r.status_code for r in await asyncio.gather(*in_progress)] == [200, 200]
+    assert (await proxy.upload(token, upload_body())).status_code == 200
+    assert len(index.received) == 3
+
+
+async def test_reload_mid_upload_applies_to_the_next_upload_only(
+    make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that lowers max_concurrent_uploads and moves the url while an upload is in progress: that upload
+    finishes to the index it started with, and the next one is counted against the new limit."""
+    proxy = await make_proxy(upstream=["max_concurrent_uploads = 2"])
+    token = await proxy.mint(issuer)
+    held = Held(upload_body(), 100)
+    in_progress = asyncio.create_task(proxy.upload(token, held.__aiter__()))
+    await asyncio.wait_for(held.reached.wait(), 10)
+
+    path = proxy.exchange.settings.config_path
+    moved = index.url.replace("/upload/", "/moved/")
+    text = path.read_text().replace(f"url = {json.dumps(index.url)}", f"url = {json.dumps(moved)}")
+    path.write_text(text.replace("max_concurrent_uploads = 2", "max_concurrent_uploads = 1"))
+    monkeypatch.setenv("UPSTREAM_PASSWORD", OPERATOR[1])
+    assert await proxy.app.state.reloader.reload()
+    busy = await proxy.upload(token, upload_body())
+    assert busy.status_code == 503
+    assert "(its limit is 1)" in busy.text
+
+    held.release.set()
+    assert (await in_progress).status_code == 200
+    assert (await proxy.upload(token, upload_body())).status_code == 200
+    assert [received.path for received in index.received] == ["/upload/", "/moved/"]
+
+
+async def test_refused_uploads_free_their_slot(make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex) -> None:
+    """An upload refused while in progress (malformed, too large, or its client gone) does not keep its slot."""
+    proxy = await make_proxy(max_upload=4096, upstream=["max_concurrent_uploads = 1"])
+    token = await proxy.mint(issuer)
+    assert (await proxy.upload(token, upload_body(version="6.1"))).status_code == 400
+    assert (await proxy.upload(token, upload_body(content=payload(8192)))).status_code == 413
+    assert (await proxy.upload(token, upload_body())).status_code == 200
+    assert proxy.app.state.upload.active == 0
+
+
+async def test_client_gone_mid_upload_frees_its_slot_and_forwards_nothing(
+    make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex
+) -> None:
+    """A client that disconnects halfway through its body (as nginx does after client_body_timeout) gets nothing
+    forwarded and leaves no upload slot taken."""
+    proxy = await make_proxy(upstream=["max_concurrent_uploads = 1"])
+    token = await proxy.mint(issuer)
+    body = upload_body()
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": body[:100], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    # Driven as the server would, because an HTTP client cannot send half a body and vanish through the ASGI
+    # transport.
+    headers = [(b"content-type", CONTENT_TYPE.encode()), (b"authorization", basic("__token__", token).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/legacy/", "headers": headers, "query_string": b""}
+    await proxy.app.state.upload(scope, receive, send)
+    assert sent == [] and messages == []
+    assert proxy.app.state.upload.active == 0
+    assert (await proxy.upload(token, body)).status_code == 200
+    assert len(index.received) == 1
+
+
+def open_files_under(directory: Path) -> list[str]:
+    """Files this process has open whose path lies in `directory` (deleted temporary files included), from /proc."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(f"{directory}/"):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to see open files")
+async def test_large_upload_is_spooled_in_spool_dir(
+    make_proxy: MakeProxy, issuer: TestIssuer, index: FakeIndex, tmp_path: Path
+) -> None:
+    """An upload past the in-memory first MiB is spooled to a file in [upstream] spool_dir, closed afterwards."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    proxy = await make_proxy(upstream=[f"spool_dir = {json.dumps(str(spool))}"])
+    token = await proxy.mint(issuer)
+    body = upload_body(content=payload(1536 * 1024))
+    held = Held(body, len(body) - 100)
+    uploading = asyncio.create_task(proxy.upload(token, held.__aiter__()))
+    await asyncio.wait_for(held.reached.wait(), 10)
+    # The transport pulls the held part only when the proxy asks for more, after it spooled the first part.
+    assert open_files_under(spool)
+    held.release.set()
+    assert (await uploading).status_code == 200
+    assert [received.body for received in index.received] == [body]
+    assert open_files_under(spool) == []
+
+
+# --- [upstream] config ---------------------------------------------------------------------------------------------
+
+
+def load_upstream(tmp_path: Path, lines: Sequence[str]) -> config.Upstream:
+    path = write_config(tmp_path, {"gitlab-com": {"url": "https://gitlab.com", "kind": "gitlab"}}, [PUBLISHER])
+    table = ["[upstream]", 'username = "operator"', 'password_env = "UPSTREAM_PASSWORD"', *lines]
+    path.write_text(path.read_text() + "\n" + "\n".join(table) + "\n")
+    upstream = config.load(path, {"UPSTREAM_PASSWORD": "secret"}).upstream
+    assert upstream is not None
+    return upstream
+
+
+def upstream_problems(tmp_path: Path, lines: Sequence[str]) -> list[str]:
+    with pytest.raises(config.ConfigError) as refused:
+        load_upstream(tmp_path, lines)
+    return list(refused.value.problems)
+
+
+def test_upstream_defaults(tmp_path: Path) -> None:
+    """Without the capacity keys: the system temporary directory, four uploads at a time, https required."""
+    upstream = load_upstream(tmp_path, ['url = "https://index.example/legacy/"'])
+    assert (upstream.spool_dir, upstream.max_concurrent_uploads, upstream.allow_http) == (None, 4, False)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/",
+        "http://[::1]:8080/",
+        "http://localhost/",
+        "http://127.9.9.9/",
+        "https://index.example/",
+    ],
+)
+def test_https_or_loopback_upstream_needs_no_allow_http(tmp_path: Path, url: str) -> None:
+    """https anywhere, and plain http to this host's loopback, are accepted as they are."""
+    assert load_upstream(tmp_path, [f'url = "{url}"']).url == url
+
+
+@pytest.mark.parametrize("url", ["http://pypiserver:8080/", "http://10.0.0.5/", "http://index.example/"])
+def test_plain_http_to_another_host_is_a_config_error_unless_allowed(tmp_path: Path, url: str) -> None:
+    """A plain-http url to a non-loopback host is refused (the index password would travel in clear), unless
+    allow_http = true says the network is trusted."""
+    problems = upstream_problems(tmp_path, [f'url = "{url}"'])
+    assert any("[upstream] url" in p and "allow_http = true" in p and "in clear" in p for p in problems), problems
+    assert load_upstream(tmp_path, [f'url = "{url}"', "allow_http = true"]).allow_http is True
+
+
+def test_spool_dir_is_relative_to_the_config_and_must_be_a_writable_directory(tmp_path: Path) -> None:
+    """spool_dir is read relative to issuers.toml; a missing directory is a config error naming it."""
+    (tmp_path / "spool").mkdir()
+    url = 'url = "https://index.example/"'
+    assert load_upstream(tmp_path, [url, 'spool_dir = "spool"']).spool_dir == tmp_path / "spool"
+    problems = upstream_problems(tmp_path, [url, 'spool_dir = "missing"'])
+    assert problems == [f"issuers.toml: [upstream] spool_dir: {tmp_path / 'missing'} is not a writable directory"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "true", '"4"'])
+def test_max_concurrent_uploads_must_be_a_positive_integer(tmp_path: Path, value: str) -> None:
+    """max_concurrent_uploads below 1 or not an integer is a config error."""
+    problems = upstream_problems(tmp_path, ['url = "https://index.example/"', f"max_concurrent_uploads = {value}"])
+    assert any("[upstream] max_concurrent_uploads" in p for p in problems), problems
