@@ -75,6 +75,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         reloader.start()
+        exchange.store.startup()
         drain_on_sigterm(endpoints, lambda: exchange.settings.drain_seconds)
         try:
             yield
@@ -125,7 +126,13 @@ def _default_store(settings: config.Settings, clock: Callable[[], float]) -> Sto
     if settings.redis_url is None:
         return MemoryStore(clock)
     return RedisStore.from_url(
-        settings.redis_url, clock=clock, fallback=settings.replay_fallback, prefix=settings.redis_prefix
+        settings.redis_url,
+        clock=clock,
+        fallback=settings.replay_fallback,
+        prefix=settings.redis_prefix,
+        replica_acks=settings.redis_replica_acks,
+        replica_ack_timeout=settings.redis_replica_ack_timeout,
+        sentinel_password=settings.redis_sentinel_password,
     )
 
 

@@ -21,6 +21,7 @@ import rtoml
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, Key, OKPKey, import_key
 
+from . import redisurl
 from .errors import ConfigError
 from .issuers import KINDS, DenyValue
 from .issuers import Issuer as Issuer  # re-exported: the record lives with the kinds, which must not import config
@@ -73,6 +74,9 @@ class Settings:
     leeway: int = 30
     redis_url: str | None = None
     redis_prefix: str = "gateway:"
+    redis_replica_acks: int = 0
+    redis_replica_ack_timeout: float = 0.5
+    redis_sentinel_password: str | None = field(default=None, repr=False)
     replay_fallback: bool = False
     max_body: int = 16 * 1024
     fetch_timeout: float = 5.0
@@ -165,8 +169,18 @@ def _validate(
     redis_url = environ.get("GATEWAY_REDIS_URL") or t.string("redis_url")
     if "redis_url" in t.data and "GATEWAY_REDIS_URL" in environ:
         t.seen.add("redis_url")
-    if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-        t.problem("redis_url", "must be a redis://, rediss:// or unix:// URL")
+    if redis_url is not None:
+        try:
+            redisurl.parse(redis_url)
+        except ValueError as e:
+            source = " (from $GATEWAY_REDIS_URL)" if environ.get("GATEWAY_REDIS_URL") else ""
+            t.problem("redis_url", f"{e}{source}")
+    # Replicas that must hold a spend before it counts (WAIT): what survives a failover of the primary.
+    redis_replica_acks = t.number("redis_replica_acks", 0, minimum=0, maximum=100)
+    # Above 0: WAIT with a timeout of 0 would block for ever.
+    redis_replica_ack_timeout = t.number("redis_replica_ack_timeout", 0.5, minimum=0.001, maximum=60, integer=False)
+    redis_sentinel_password = t.string("redis_sentinel_password")
+    redis_sentinel_password = environ.get("GATEWAY_REDIS_SENTINEL_PASSWORD") or redis_sentinel_password
     redis_prefix = _redis_prefix(t)
     replay_fallback = t.get("replay_fallback", bool, False)
     max_body = t.number("max_body", 16 * 1024, minimum=1024)
@@ -219,6 +233,9 @@ def _validate(
         leeway=leeway,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
+        redis_replica_acks=redis_replica_acks,
+        redis_replica_ack_timeout=float(redis_replica_ack_timeout),
+        redis_sentinel_password=redis_sentinel_password,
         replay_fallback=replay_fallback,
         max_body=max_body,
         fetch_timeout=float(fetch_timeout),

@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .exchange import Exchange
 from .publishers import Publishers
 from .runtime import Services, build, restart_needed
+from .store import RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,13 @@ class Reloader:
         except (OSError, ValueError) as e:  # a CA bundle OpenSSL cannot use (ssl.SSLError is an OSError)
             return self._refuse(before, "config reload refused; the previous config stays in force:", [str(e)])
         self.exchange.switch(runtime)
+        if isinstance(self.exchange.store, RedisStore):
+            # Live, unlike the rest of what names the Redis in use (RESTART_ONLY).
+            self.exchange.store.reconfigure(
+                replica_acks=settings.redis_replica_acks,
+                replica_ack_timeout=settings.redis_replica_ack_timeout,
+                sentinel_password=settings.redis_sentinel_password,
+            )
         self._stamps = {**self._stat(settings.files), **{f: v for f, v in before.items() if f in settings.files}}
         self.counter.labels("success").inc()
         log.info("config reloaded: %d issuer(s), %d publisher(s)", len(settings.issuers), len(settings.publishers))

@@ -160,9 +160,78 @@ def test_gateway_redis_url_environment_overrides_file(
 
 
 def test_bad_gateway_redis_url_is_reported(tmp_path: Path) -> None:
-    """A $GATEWAY_REDIS_URL that is not a Redis URL is a load error on [gateway] redis_url."""
+    """A $GATEWAY_REDIS_URL that is not a Redis URL is a load error on [gateway] redis_url that names the variable."""
     problems = problems_of(write_config(tmp_path, ISSUERS), {"GATEWAY_REDIS_URL": "http://redis:6379"})
-    assert problems == ("issuers.toml: [gateway] redis_url: must be a redis://, rediss:// or unix:// URL",)
+    assert problems == (
+        "issuers.toml: [gateway] redis_url: must be a redis://, rediss://, unix://, redis+sentinel://, "
+        "rediss+sentinel://, redis+cluster:// or rediss+cluster:// URL (from $GATEWAY_REDIS_URL)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+sentinel://s1:26379,s2:26379", "must name the Sentinel service"),
+        ("redis+sentinel://s1,s2:26379/mymaster", "has a node 's1' that is not HOST:PORT"),
+        ("redis+sentinel://s1:26379/mymaster/zero", "must end in /SERVICE or /SERVICE/DB"),
+        ("redis+cluster://n1:7000,n2:70000", "has a node 'n2:70000' whose port is not a number from 1 to 65535"),
+        ("redis+cluster://n1:7000/3", "must have no path: a Cluster has one database (0)"),
+        ("redis+cluster://n1:7000?ssl_ca_certs=/ca.pem", "has TLS options but is not a rediss+cluster:// URL"),
+        ("rediss+cluster://n1:7000?timeout=1", "has an unknown query option 'timeout'"),
+        ("redis://r1:6379,r2:6379/0", "names several hosts: use redis+sentinel:// or redis+cluster://"),
+        ("redis://r1:6379/zero", "has a database 'zero' that is not a number"),
+    ],
+)
+def test_malformed_redis_urls_are_config_errors(tmp_path: Path, url: str, message: str) -> None:
+    """A malformed Sentinel, Cluster or single-server redis_url is a load error naming the field and the fault."""
+    (problem,) = problems_of(write_config(tmp_path, ISSUERS, redis_url=url))
+    assert problem.startswith(f"issuers.toml: [gateway] redis_url: {message}")
+    assert "$GATEWAY_REDIS_URL" not in problem
+
+
+def test_redis_url_problem_never_shows_its_password(tmp_path: Path) -> None:
+    """The message for a malformed redis_url does not repeat the password in it."""
+    (problem,) = problems_of(write_config(tmp_path, ISSUERS, redis_url="redis+sentinel://:s3cret@s1:26379"))
+    assert "s3cret" not in problem
+
+
+def test_replica_acks_and_sentinel_password_load(tmp_path: Path) -> None:
+    """The replica-ack keys and redis_sentinel_password load; $GATEWAY_REDIS_SENTINEL_PASSWORD wins over the file."""
+    path = write_config(
+        tmp_path,
+        ISSUERS,
+        redis_url="rediss+sentinel://user:pw@s1:26379,s2:26380/mymaster/2?ssl_ca_certs=/ca.pem",
+        redis_replica_acks=1,
+        redis_replica_ack_timeout=0.25,
+        redis_sentinel_password="from-file",
+    )
+    settings = load(path)
+    assert (settings.redis_replica_acks, settings.redis_replica_ack_timeout) == (1, 0.25)
+    assert settings.redis_sentinel_password == "from-file"
+    assert "from-file" not in repr(settings)
+    assert load(path, {"GATEWAY_REDIS_SENTINEL_PASSWORD": "from-env"}).redis_sentinel_password == "from-env"
+
+
+def test_replica_ack_defaults(tmp_path: Path) -> None:
+    """Without the keys, a spend waits for no replica, with a 0.5 s timeout, and sentinels need no password."""
+    settings = load(write_config(tmp_path, ISSUERS))
+    assert (settings.redis_replica_acks, settings.redis_replica_ack_timeout) == (0, 0.5)
+    assert settings.redis_sentinel_password is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("redis_replica_acks", -1, "must be between 0 and 100 (got -1)"),
+        ("redis_replica_acks", 1.5, "must be an integer (got float)"),
+        ("redis_replica_ack_timeout", 0, "must be between 0.001 and 60 (got 0)"),
+    ],
+)
+def test_bad_replica_ack_settings(tmp_path: Path, key: str, value: Any, message: str) -> None:
+    """Negative or fractional acks, and an ack timeout of 0 (WAIT would block for ever), are load errors."""
+    assert problems_of(write_config(tmp_path, ISSUERS, **{key: value})) == (
+        f"issuers.toml: [gateway] {key}: {message}",
+    )
 
 
 @pytest.mark.parametrize(
