@@ -16,6 +16,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.store import RedisStore
 from gateway.testing import FakeClock, TestIssuer
 from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer, write_config
+from tests.processes import GatewayProcess, free_port
 from tests.redis_server import REDIS_CLI, REDIS_SERVER, ClusterSet, RedisServer, SentinelSet, wait_replicas
 
 pytestmark = pytest.mark.skipif(
@@ -507,3 +509,43 @@ async def test_reload_applies_replica_acks_and_sentinel_password(make_gateway: A
         response = await gateway.mint(issuer.gitlab_token())
         assert response.status_code == 503 and "not replicated to 1 Redis replica(s)" in description(response)
         await store.aclose()
+
+
+# `gateway serve`, as an operator runs it
+
+
+def test_serve_on_sentinel_mints_once_and_warns_of_no_persistence(tmp_path: Path, issuer: TestIssuer) -> None:
+    """A real `gateway serve` on a redis+sentinel:// URL mints a token once, refuses its reuse, and logs at startup
+    that the Redis in use persists nothing, naming the sentinels."""
+    with SentinelSet(replicas=1, sentinels=1) as sentinels:
+        port = free_port()
+        path = write_config(
+            tmp_path,
+            {"gitlab-com": gitlab_issuer(issuer)},
+            [PUBLISHER],
+            url=f"http://127.0.0.1:{port}",
+            redis_url=sentinels.url,
+            redis_replica_acks=1,
+        )
+        with GatewayProcess(path, port=port, log=tmp_path / "serve.log").wait("/readyz") as server:
+            token = issuer.gitlab_token()
+            with httpx.Client(base_url=server.base, timeout=10) as client:
+                assert client.post("/_/oidc/mint-token", json={"token": token}).status_code == 200
+                response = client.post("/_/oidc/mint-token", json={"token": token})
+                assert response.status_code == 422 and error_code(response) == "invalid-reuse-token"
+        log = (tmp_path / "serve.log").read_text()
+    sentinel = sentinels.sentinels[0].port
+    assert f"Redis at sentinels 127.0.0.1:{sentinel} (service 'mymaster') persists nothing" in log
+
+
+def test_serve_with_redis_down_warns_naming_host_and_cause(tmp_path: Path, issuer: TestIssuer) -> None:
+    """A real `gateway serve` whose Redis is down logs at startup a WARNING naming host, port and cause, and is
+    not ready."""
+    dead = RedisServer()  # never started: its port refuses connections
+    path = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, [PUBLISHER], redis_url=dead.url)
+    with GatewayProcess(path, log=tmp_path / "serve.log").wait("/livez") as server:
+        assert httpx.get(server.base + "/readyz", timeout=10).status_code == 503
+    log = (tmp_path / "serve.log").read_text()
+    assert f"Redis at 127.0.0.1:{dead.port} is unreachable or failing: " in log
+    assert "(Connection refused)" in log
+    dead.close()
