@@ -116,6 +116,9 @@ class RedisStore:
     spend Redis confirmed (so a replica never accepts its own tokens twice across an outage), and what it spent
     alone is written to Redis once Redis answers (so other replicas learn of it). Replays across replicas remain
     possible only while Redis is actually down: the price of choosing availability.
+
+    With `replica_acks`, a spend counts only once that many replicas acknowledged it (WAIT), so a failover cannot
+    forget the spend of a token that was minted; one not acknowledged in time is undone and answered 503.
     """
 
     # Deletes the key only if it still holds our value: a lock that expired and was taken by another replica
@@ -471,11 +474,13 @@ class RedisStore:
         An unreachable Redis is reported (and counted) like any failed call. Managed Redis services often refuse
         CONFIG; that is not an outage, so it is said once at INFO and not counted.
         """
-        nodes: list[Any] = self.client.get_primaries() if isinstance(self.client, RedisCluster) else [None]
+        nodes: list[Any] = [None]  # None: the one server (or Sentinel's primary) the client talks to
         if isinstance(self.client, RedisCluster):
-            with contextlib.suppress(StoreUnavailable):
+            try:
                 await self._call(self.client.initialize())
-            nodes = self.client.get_primaries() or [None]
+            except StoreUnavailable:
+                return
+            nodes = self.client.get_primaries()
         for node in nodes:
             target = {"target_nodes": node} if node is not None else {}
             where = f"{node.host}:{node.port}" if node is not None else self.where

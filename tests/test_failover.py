@@ -549,3 +549,17 @@ def test_serve_with_redis_down_warns_naming_host_and_cause(tmp_path: Path, issue
     assert f"Redis at 127.0.0.1:{dead.port} is unreachable or failing: " in log
     assert "(Connection refused)" in log
     dead.close()
+
+
+async def test_startup_checks_every_cluster_primary(
+    caplog: pytest.LogCaptureFixture, clock: FakeClock, cluster: ClusterSet
+) -> None:
+    """On a Cluster, the startup check looks at every primary and names each that persists nothing."""
+    store = RedisStore.from_url(cluster.url, clock=clock)
+    caplog.set_level(logging.INFO, logger="gateway.store")
+    store.startup()
+    assert store._checking is not None
+    await store._checking
+    await store.aclose()
+    said = sorted(r.getMessage().split(" persists nothing")[0] for r in caplog.records if r.levelno == logging.WARNING)
+    assert said == sorted(f"Redis at 127.0.0.1:{server.port}" for server in cluster.servers)
