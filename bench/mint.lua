@@ -1,8 +1,11 @@
--- wrk script for bench/run.py.
+-- wrk script for the benchmark (python -m bench).
 --
 --   wrk ... -s bench/mint.lua URL -- TOKENS_FILE THREADS [FIRST COUNT]
 --       POST {"token": ...}, one unused token per request, from lines FIRST .. FIRST + COUNT - 1 (0-based,
---       blank lines not counted) of TOKENS_FILE, or from all of it; run.py gives each mode its own slice
+--       blank lines not counted) of TOKENS_FILE, or from all of it
+--   BENCH_DELAY_MS=D wrk ...
+--       each connection waits D ms between an answer and its next request: the paced runs, at a fraction of
+--       the peak rate (an environment variable, because wrk decides whether delay() exists before init())
 --   wrk ... -s bench/mint.lua URL
 --       plain requests (GET /livez), statuses counted only
 --
@@ -56,6 +59,15 @@ function init(args)
   available = #tokens
 end
 
+-- wrk asks before each request how long the connection waits first: a closed loop with think time. Only
+-- defined when asked for: a delay() of 0 still costs wrk a timer event per request.
+local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+if pause > 0 then
+  function delay()
+    return pause
+  end
+end
+
 function request()
   if tokens == nil then
     return wrk.format()
@@ -100,7 +112,7 @@ function done(_summary, _latency, _requests)
   for status, count in pairs(merged) do
     table.insert(parts, string.format('"%d": %d', status, count))
   end
-  -- One JSON line with a fixed prefix: bench/run.py finds it in wrk's output.
+  -- One JSON line with a fixed prefix: bench/load.py finds it in wrk's output.
   io.write(string.format(
     'BENCH-LUA {"non200": %d, "tokens_used": %d, "tokens_available": %d, "exhausted": %s, "statuses": {%s}}\n',
     total_non200, total_used, total_available, tostring(any_exhausted), table.concat(parts, ", ")
