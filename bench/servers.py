@@ -198,7 +198,7 @@ def start_gateway(config: Path, *, port: int, workers: int, log: Path) -> subpro
     """Run `gateway serve` exactly as an operator would, and wait until /livez answers."""
     command = [
         sys.executable, "-m", "gateway", "serve",
-        "--config", str(config), "--port", str(port), "--workers", str(workers), "--log-level", "warning",
+        "--config", str(config), "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
     return _start(command, port=port, log=log, cwd=config.parent)
 

@@ -1,22 +1,49 @@
-"""Logging: the process's format and level, and the audit line written for every mint attempt."""
+"""Logging: the process's format and level, and the audit line written for every mint attempt.
+
+Records are formatted and written by a thread of their own (`QueuedStreamHandler`), in batches, after the
+answer has gone: the request path only builds the record. The queue between them is bounded and never drops a
+line: a request that finds it full waits, and logging.shutdown (at exit) drains it.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+import queue
 import re
 import sys
+import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
+from ._json import dumps_ascii
 from .exchange import Attempt
 
 audit_log = logging.getLogger("gateway.audit")
 
+# Lines waiting for the writer thread; at ~300 bytes each, a few MB at most.
+QUEUE_LINES = 10_000
+
+
+class _Line:
+    """An audit record's message: its fields as JSON, encoded when a formatter first asks (on the writer thread)."""
+
+    __slots__ = ("_fields", "_text")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
+        self._text: str | None = None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text = dumps_ascii(self._fields)
+        return self._text
+
 
 def audit(attempt: Attempt, outcome: str) -> None:
     """One structured line per mint attempt; it never holds the token, only the jti's hash."""
+    if not audit_log.isEnabledFor(logging.INFO):
+        return
     identity = attempt.identity
     fields: dict[str, Any] = {
         "event": "mint",
@@ -46,8 +73,10 @@ def audit(attempt: Attempt, outcome: str) -> None:
         fields["revocation"] = attempt.revocation
     if attempt.pin is not None:
         fields["pin"] = attempt.pin
-    if audit_log.isEnabledFor(logging.INFO):
-        audit_log.info(json.dumps(fields, separators=(",", ":")), extra={"audit": fields})
+    # makeRecord + handle is Logger.info without findCaller's walk up the stack: the audit line names no
+    # source line, and is one call per mint.
+    record = audit_log.makeRecord(audit_log.name, logging.INFO, "", 0, _Line(fields), (), None, extra={"audit": fields})
+    audit_log.handle(record)
 
 
 # Never written to the audit log: the jti (only its hash, so a log line cannot be turned back into a spend key
@@ -75,7 +104,72 @@ class JSONFormatter(logging.Formatter):
             line["message"] = record.getMessage()
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, separators=(",", ":"), default=str)
+        return dumps_ascii(line, default=str)
+
+
+class QueuedStreamHandler(logging.StreamHandler[TextIO]):
+    """A StreamHandler that formats and writes on a thread of its own, many records to a write.
+
+    `emit` only queues the record; the queue is bounded and `emit` waits when it is full, so no line is ever
+    dropped. `flush` waits until every queued record is written; `close` (logging.shutdown calls both at exit)
+    writes what is left and stops the thread.
+    """
+
+    def __init__(self, stream: TextIO, maxsize: int = QUEUE_LINES) -> None:
+        super().__init__(stream)
+        self._queue: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize)
+        self._writer = threading.Thread(target=self._write, name="gateway-log-writer", daemon=True)
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.args or record.exc_info:
+            # Format what could change or go away before the writer gets to it (arguments, a traceback).
+            record.msg, record.args = record.getMessage(), None
+            if record.exc_info:
+                record.exc_text = self.format_exception(record)
+                record.exc_info = None
+        self._queue.put(record)
+
+    def format_exception(self, record: logging.LogRecord) -> str:
+        assert record.exc_info is not None
+        return (self.formatter or logging.Formatter()).formatException(record.exc_info)
+
+    def _write(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            lines = []
+            for record in batch:
+                if record is not None:
+                    try:
+                        lines.append(self.format(record) + self.terminator)
+                    except Exception:
+                        self.handleError(record)
+            if lines:
+                try:
+                    self.stream.write("".join(lines))
+                    self.stream.flush()
+                except Exception:
+                    self.handleError(next(r for r in batch if r is not None))
+            for _ in batch:
+                self._queue.task_done()
+            if None in batch:
+                return
+
+    def flush(self) -> None:
+        if self._writer.is_alive():
+            self._queue.join()
+        super().flush()
+
+    def close(self) -> None:
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join()
+        super().close()
 
 
 # Characters that would let a value forge or hide log lines: C0 and C1 controls (newlines, escape sequences),
@@ -96,13 +190,28 @@ class TextFormatter(logging.Formatter):
         record.message = _UNSAFE.sub(_escape, record.message)
         return super().formatMessage(record)
 
+    # The date and time are formatted once per second rather than per record (they are a third of a line's cost).
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second, stamp = self._second
+        if int(record.created) != second:
+            stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = (int(record.created), stamp)
+        return f"{stamp},{int(record.msecs):03d}"  # logging.Formatter.default_msec_format
+
 
 def configure(level: str, format: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = QueuedStreamHandler(sys.stderr)
     if format == "json":
         handler.setFormatter(JSONFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
+    for old in root.handlers:
+        if isinstance(old, QueuedStreamHandler):
+            old.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from joserfc.jwk import ECKey, Key, OKPKey
 
+from ._json import dumps_utf8
 from .identity import Identity
 
 ALGORITHMS = ("ES256", "Ed25519")
@@ -106,7 +107,7 @@ class Signer:
             "jti": jti,
             "identity": identity.as_dict(),
         }
-        payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        payload = dumps_utf8(claims)
         return Unsigned(signing_input=self._header + b"." + _b64(payload), expires=expires, jti=jti)
 
     def sign(self, unsigned: Unsigned) -> Minted:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -14,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ._json import dumps_utf8
 from .config import Settings
 from .errors import (
     GatewayError,
@@ -204,7 +204,7 @@ class Endpoints:
         # Failures before an issuer is known (bad body, untrusted issuer) are counted under "-".
         self.metrics.mint(attempt.issuer or "-", outcome, time.perf_counter() - started)
         audit(attempt, outcome)
-        content = json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        content = dumps_utf8(answer)
         raw_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(content)).encode()),

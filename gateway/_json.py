@@ -1,0 +1,40 @@
+"""JSON encoding on the mint path: orjson where it writes exactly what `json.dumps` would, the stdlib elsewhere.
+
+orjson encodes a minted token's claims, the answer and an audit line at a tenth of the stdlib's cost. Each
+function here promises the stdlib's exact output, so that nothing a client, a log reader or a test sees changes;
+the stdlib takes over wherever orjson would write something else or refuses the value.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+__all__ = ["dumps_ascii", "dumps_utf8"]
+
+# orjson leaves these to `default` as json.dumps would (it would otherwise write them its own way).
+_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def dumps_utf8(value: Any) -> bytes:
+    """`json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")`."""
+    try:
+        return orjson.dumps(value, option=_PASSTHROUGH)
+    except (orjson.JSONEncodeError, TypeError):
+        # Lone surrogates, integers past 64 bits, types orjson has no rule for: the stdlib decides (and fails
+        # the same way it always did).
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def dumps_ascii(value: Any, default: Any = None) -> str:
+    """`json.dumps(value, separators=(",", ":"), default=default)`: ASCII only, other characters escaped."""
+    try:
+        data = orjson.dumps(value, default=default, option=_PASSTHROUGH)
+    except (orjson.JSONEncodeError, TypeError):
+        pass
+    else:
+        if data.isascii():
+            return data.decode("ascii")
+    return json.dumps(value, separators=(",", ":"), default=default)

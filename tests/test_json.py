@@ -1,0 +1,74 @@
+"""JSON on the mint path: orjson's encodings equal the stdlib's byte for byte, and strict decoding stays strict."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gateway._json import dumps_ascii, dumps_utf8
+from gateway.jose import StrictJSONError, strict_loads
+
+VALUES: list[Any] = [
+    {"success": True, "token": "a.b.c", "expires": 1_700_000_900, "projects": ["sampleproject"]},
+    {"identity": {"repository": "group/projekt-ü", "protected_ref": None, "n": -3, "f": 1.5}},
+    {"controls": '\x00\x1f\x7f\n\t"\\/', "separators": "\u2028\u2029", "emoji": "\U0001f600"},
+    ["list", 0, 2**63 - 1, -(2**63), 0.1, 1e16, True, False, None, {}],
+    {"big": 2**64 + 1},
+]
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_dumps_utf8_equals_the_stdlib(value: Any) -> None:
+    """dumps_utf8 gives the bytes of json.dumps(compact, ensure_ascii=False) encoded as UTF-8."""
+    assert dumps_utf8(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_dumps_ascii_equals_the_stdlib(value: Any) -> None:
+    """dumps_ascii gives the text of json.dumps(compact), non-ASCII escaped as the stdlib escapes it."""
+    assert dumps_ascii(value) == json.dumps(value, separators=(",", ":"))
+
+
+def test_dumps_utf8_fails_on_a_lone_surrogate_as_the_stdlib_does() -> None:
+    """A lone surrogate cannot be UTF-8: the error is the stdlib's own, as it always was."""
+    with pytest.raises(UnicodeEncodeError):
+        dumps_utf8({"a": "\ud800"})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"a":1,"a":1}',
+        b'{"a":{"b":"x","b":"x"}}',
+        b'[{"c":[1,{"d":1,"d":2}]}]',
+        b'{"iss":"https://x","sub":"y","iss":"https://x"}',
+    ],
+)
+def test_strict_loads_refuses_compact_duplicates(text: bytes) -> None:
+    """A duplicate member is refused in compact JSON too, at any depth (the orjson fast path never takes it)."""
+    with pytest.raises(StrictJSONError, match="duplicate"):
+        strict_loads(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        (b'{"a":1,"b":[true,null,"\xc3\xbc"]}', {"a": 1, "b": [True, None, "ü"]}),
+        (b'{"a": 1, "b": "\\u00fc"}', {"a": 1, "b": "ü"}),
+        (b'{"n":123456789012345678901234567890}', {"n": 123456789012345678901234567890}),
+        (b'{"s":"\\ud800"}', {"s": "\ud800"}),
+        (b'{"f":1E5}', {"f": 100000.0}),
+    ],
+)
+def test_strict_loads_reads_what_the_stdlib_reads(text: bytes, value: Any) -> None:
+    """Compact or not, escaped or not, big integers and exponents: the value is the stdlib's."""
+    assert strict_loads(text) == value == json.loads(text)
+
+
+@pytest.mark.parametrize("text", [b'{"a":NaN}', b"[Infinity]", b'{"a":"\xff"}', b'{"a":1', b"\xef\xbb\xbf{}"])
+def test_strict_loads_refuses_what_is_not_strict_json(text: bytes) -> None:
+    """NaN, Infinity, invalid UTF-8, truncated text and a byte-order mark are refused."""
+    with pytest.raises(StrictJSONError):
+        strict_loads(text)

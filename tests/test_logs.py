@@ -1,0 +1,67 @@
+"""The log writer: records formatted and written off the request path, in order, none dropped, all flushed."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+
+from gateway import logs
+
+
+def record(n: int, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("gateway.test", logging.INFO, __file__, 1, "line %d" if args else f"line {n}", args, None)
+
+
+def test_queued_handler_writes_every_record_in_order_through_a_full_queue() -> None:
+    """With a queue of 4, 2,000 records from two threads all reach the stream, each thread's in its order."""
+    stream = io.StringIO()
+    handler = logs.QueuedStreamHandler(stream, maxsize=4)
+    handler.setFormatter(logging.Formatter("%(threadName)s %(message)s"))
+
+    def emit(name: str) -> None:
+        for n in range(1000):
+            handler.handle(record(n, n))
+
+    threads = [threading.Thread(target=emit, args=(name,), name=name) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    for name in ("a", "b"):
+        assert [line for line in lines if line.startswith(f"{name} ")] == [f"{name} line {n}" for n in range(1000)]
+    handler.close()
+
+
+def test_queued_handler_close_writes_what_is_queued() -> None:
+    """close() (what logging.shutdown calls at exit) returns only once every queued record is written."""
+    stream = io.StringIO()
+    handler = logs.QueuedStreamHandler(stream)
+    for n in range(500):
+        handler.handle(record(n))
+    handler.close()
+    assert stream.getvalue().splitlines() == [f"line {n}" for n in range(500)]
+
+
+def test_queued_handler_formats_arguments_when_emitted() -> None:
+    """A record's arguments are formatted when it is logged, so changing them afterwards changes nothing."""
+    stream = io.StringIO()
+    handler = logs.QueuedStreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    value = [1]
+    handler.handle(logging.LogRecord("gateway.test", logging.INFO, __file__, 1, "value %s", (value,), None))
+    value.append(2)
+    handler.close()
+    assert stream.getvalue() == "value [1]\n"
+
+
+def test_text_formatter_matches_logging_formatter() -> None:
+    """TextFormatter writes exactly what logging.Formatter writes, for records within one second and across."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    ours, stdlib = logs.TextFormatter(fmt), logging.Formatter(fmt)
+    for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_000.25):
+        rec = record(1)
+        rec.created, rec.msecs = created, (created - int(created)) * 1000
+        assert ours.format(rec) == stdlib.format(rec)
