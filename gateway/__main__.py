@@ -307,6 +307,8 @@ def _replay(settings: config.Settings, path: Path, *, allow_grants: bool) -> int
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .serving import OneWriteHttpToolsProtocol
+
     if args.log_level:
         os.environ["GATEWAY_LOG_LEVEL"] = args.log_level
     settings = _load(args)
@@ -338,7 +340,8 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             workers=args.workers,
             loop="uvloop",
-            http="httptools",
+            # httptools, with each answer in one write (gateway/serving.py).
+            http=OneWriteHttpToolsProtocol,
             # Logging is ours (logs.configure, in every worker too): level and format come from the config.
             log_config=None,
             log_level=settings.log_level,

@@ -86,6 +86,8 @@ def create_app(
             await exchange.state.aclose()
             await exchange.store.aclose()
             await upload.aclose()
+            # The audit lines of the last requests are on the log writer's queue: out before the process goes.
+            logs.flush()
 
     app = Starlette(
         routes=endpoints.routes(),

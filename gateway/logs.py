@@ -203,6 +203,12 @@ class TextFormatter(logging.Formatter):
         return f"{stamp},{int(record.msecs):03d}"  # logging.Formatter.default_msec_format
 
 
+def flush() -> None:
+    """Wait until every queued log line is written (the app's shutdown; logging.shutdown does it again at exit)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def configure(level: str, format: str) -> None:
     handler = QueuedStreamHandler(sys.stderr)
     if format == "json":
