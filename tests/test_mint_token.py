@@ -459,6 +459,8 @@ async def test_control_characters_in_claims_never_reach_the_text_log_raw(
         forged = "gitlab-hosted\n2026-01-01 00:00:00 INFO gateway.audit: forged\x1b[2K\u2028"
         response = await gateway.mint(issuer.gitlab_token(runner_environment=forged))
     finally:
+        for handler in root.handlers:
+            handler.close()  # the log writer's thread writes what it holds, then stops
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
     assert error_code(response) == "invalid-publisher"

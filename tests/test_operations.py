@@ -336,6 +336,9 @@ def root_logging() -> Iterator[logging.Logger]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield root
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()  # a log writer configure() started: its thread stops
     root.handlers[:] = handlers
     root.setLevel(level)
 
