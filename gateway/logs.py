@@ -1,14 +1,14 @@
 """Logging: the process's format and level, and the audit line written for every mint attempt.
 
-Records are formatted and written by a thread of their own (`QueuedStreamHandler`), in batches, after the
-answer has gone: the request path only builds the record. The queue between them is bounded and never drops a
-line: a request that finds it full waits, and logging.shutdown (at exit) drains it.
+Records are formatted and written by a thread of their own (`QueuedStreamHandler`), in batches of up to
+50 ms, after the answer has gone: the request path only builds the record. The queue between them is bounded
+and never drops a line: a request that finds it full waits, and logging.shutdown (at exit) drains it.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import re
 import sys
 import threading
@@ -23,6 +23,8 @@ audit_log = logging.getLogger("gateway.audit")
 
 # Lines waiting for the writer thread; at ~300 bytes each, a few MB at most.
 QUEUE_LINES = 10_000
+# How long the writer lets lines gather before it writes them: how late a log line may appear.
+LINGER_SECONDS = 0.05
 
 
 class _Line:
@@ -110,14 +112,26 @@ class JSONFormatter(logging.Formatter):
 class QueuedStreamHandler(logging.StreamHandler[TextIO]):
     """A StreamHandler that formats and writes on a thread of its own, many records to a write.
 
-    `emit` only queues the record; the queue is bounded and `emit` waits when it is full, so no line is ever
-    dropped. `flush` waits until every queued record is written; `close` (logging.shutdown calls both at exit)
-    writes what is left and stops the thread.
+    `emit` only appends the record; the writer wakes at most once per `linger` seconds and writes everything
+    that gathered in one write, so a busy process pays neither a thread wake-up nor a system call per line. The
+    queue is bounded: `emit` waits when it holds `maxsize` records, so no line is ever dropped. `flush` waits
+    until every queued record is written; `close` (logging.shutdown calls both at exit) writes what is left and
+    stops the thread.
     """
 
-    def __init__(self, stream: TextIO, maxsize: int = QUEUE_LINES) -> None:
+    def __init__(self, stream: TextIO, maxsize: int = QUEUE_LINES, linger: float = LINGER_SECONDS) -> None:
         super().__init__(stream)
-        self._queue: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize)
+        self._maxsize = maxsize
+        self._linger = linger
+        self._pending: collections.deque[logging.LogRecord] = collections.deque()
+        # Set when records wait for a writer that may be asleep; emit sets it only when it is clear.
+        self._wake = threading.Event()
+        # Set to write at once instead of lingering: a full queue, a flush, a close.
+        self._hurry = threading.Event()
+        # Emitters wait on it for room, flushers for an empty queue; the writer notifies after each write.
+        self._state = threading.Condition()
+        self._writing = False
+        self._closing = False
         self._writer = threading.Thread(target=self._write, name="gateway-log-writer", daemon=True)
         self._writer.start()
 
@@ -128,7 +142,19 @@ class QueuedStreamHandler(logging.StreamHandler[TextIO]):
             if record.exc_info:
                 record.exc_text = self.format_exception(record)
                 record.exc_info = None
-        self._queue.put(record)
+        if not self._writer.is_alive():
+            # Closed (or the thread is gone): write here rather than queue a line nobody would write.
+            self._write_out([record])
+            return
+        if len(self._pending) >= self._maxsize:
+            with self._state:
+                while len(self._pending) >= self._maxsize and self._writer.is_alive():
+                    self._hurry.set()
+                    self._wake.set()
+                    self._state.wait(0.1)
+        self._pending.append(record)
+        if not self._wake.is_set():
+            self._wake.set()
 
     def format_exception(self, record: logging.LogRecord) -> str:
         assert record.exc_info is not None
@@ -136,38 +162,53 @@ class QueuedStreamHandler(logging.StreamHandler[TextIO]):
 
     def _write(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            lines = []
-            for record in batch:
-                if record is not None:
-                    try:
-                        lines.append(self.format(record) + self.terminator)
-                    except Exception:
-                        self.handleError(record)
-            if lines:
-                try:
-                    self.stream.write("".join(lines))
-                    self.stream.flush()
-                except Exception:
-                    self.handleError(next(r for r in batch if r is not None))
-            for _ in batch:
-                self._queue.task_done()
-            if None in batch:
+            self._wake.wait()
+            if not self._closing:
+                # Let lines gather: one write per linger, however many requests it covers.
+                self._hurry.wait(self._linger)
+            # Cleared before taking the records, so a record appended from here on wakes the next round.
+            self._hurry.clear()
+            self._wake.clear()
+            with self._state:
+                self._writing = True
+            records = []
+            while self._pending:
+                records.append(self._pending.popleft())
+            self._write_out(records)
+            with self._state:
+                self._writing = False
+                self._state.notify_all()
+            if self._closing and not self._pending:
                 return
 
+    def _write_out(self, records: list[logging.LogRecord]) -> None:
+        lines = []
+        for record in records:
+            try:
+                lines.append(self.format(record) + self.terminator)
+            except Exception:
+                self.handleError(record)
+        if lines:
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except Exception:
+                self.handleError(records[0])
+
     def flush(self) -> None:
-        if self._writer.is_alive():
-            self._queue.join()
+        if threading.current_thread() is not self._writer:
+            with self._state:
+                while (self._pending or self._writing) and self._writer.is_alive():
+                    self._hurry.set()
+                    self._wake.set()
+                    self._state.wait(0.1)
         super().flush()
 
     def close(self) -> None:
-        if self._writer.is_alive():
-            self._queue.put(None)
+        if self._writer.is_alive() and threading.current_thread() is not self._writer:
+            self._closing = True
+            self._hurry.set()
+            self._wake.set()
             self._writer.join()
         super().close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 
 from gateway import logs
 
@@ -65,3 +66,24 @@ def test_text_formatter_matches_logging_formatter() -> None:
         rec = record(1)
         rec.created, rec.msecs = created, (created - int(created)) * 1000
         assert ours.format(rec) == stdlib.format(rec)
+
+
+def test_queued_handler_writes_a_lone_line_within_its_linger() -> None:
+    """A single record on an idle handler is written without a flush, once the linger has passed."""
+    stream = io.StringIO()
+    handler = logs.QueuedStreamHandler(stream, linger=0.01)
+    handler.handle(record(1))
+    deadline = time.monotonic() + 5
+    while not stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.getvalue() == "line 1\n"
+    handler.close()
+
+
+def test_queued_handler_after_close_writes_at_once() -> None:
+    """A record logged after close (late at exit) is written on the spot, not queued for a thread that is gone."""
+    stream = io.StringIO()
+    handler = logs.QueuedStreamHandler(stream)
+    handler.close()
+    handler.handle(record(2))
+    assert stream.getvalue() == "line 2\n"
