@@ -51,9 +51,6 @@ from .tokens import TOKEN_LIFETIME, TokenFile, TokenSigner, new_bench_key, reuse
 __all__ = ["main"]
 
 DEFAULT_PUBLISHERS = (10, 100_000)
-# Paced runs use this many connections at least: the longer each one waits between requests, the less a slow
-# answer on a busy machine moves the rate (a connection's cycle is its wait plus the answer's latency).
-PACED_CONNECTIONS = 512
 # A paced run that lands further than this from its aim is run again once, its wait corrected by the latency
 # it met (a busy machine answers slower, which slows a closed loop).
 PACE_TOLERANCE = 0.1
@@ -111,8 +108,7 @@ def run_once(
             issuer, port=port, redis_url=None if store is None else store.plain_url, log=log, cwd=run_dir
         )
     base = f"http://127.0.0.1:{port}"
-    connections = max(args.connections, PACED_CONNECTIONS) if delay_ms else args.connections
-    wrk = {"duration": args.duration, "connections": connections, "threads": args.threads}
+    wrk = {"duration": args.duration, "connections": args.connections, "threads": args.threads}
     profiled = False
     try:
         warm_up(base, warm_tokens)
@@ -216,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "servers": f"{args.workers} worker(s) each; a fresh server per run, each round in the order: "
         + ", ".join(t.label for t in targets),
         "runs": f"{args.repeat} rounds at full load (the median is the figure), then one paced run per gateway "
-        f"target at {args.pace:.0%} of its median ({PACED_CONNECTIONS}+ connections, each waiting between requests)",
+        f"target at {args.pace:.0%} of its median (each connection waiting between requests)",
         "wrk": f"{args.threads} thread(s), {args.connections} connections, {args.duration} s per run",
     }
     with contextlib.ExitStack() as stack:
@@ -269,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if target.server != "gateway" or not paced or args.pace <= 0:
                 continue
             m = measured[target]
-            connections, aim = max(args.connections, PACED_CONNECTIONS), args.pace * m.rate
+            # The full load's connections: more would send bigger bursts (all of them start at once, and a closed
+            # loop keeps them in step), and the queue of a burst is latency the gateway does not cause.
+            connections, aim = args.connections, args.pace * m.rate
             # First guess: an unqueued answer takes about 1/peak.
             delay = pace_delay(connections, aim, 1 / m.rate)
             for attempt in range(2):
