@@ -14,7 +14,8 @@ VALUES: list[Any] = [
     {"success": True, "token": "a.b.c", "expires": 1_700_000_900, "projects": ["sampleproject"]},
     {"identity": {"repository": "group/projekt-ü", "protected_ref": None, "n": -3, "f": 1.5}},
     {"controls": '\x00\x1f\x7f\n\t"\\/', "separators": "\u2028\u2029", "emoji": "\U0001f600"},
-    ["list", 0, 2**63 - 1, -(2**63), 0.1, 1e16, True, False, None, {}],
+    ["list", 0, 2**63 - 1, -(2**63), 0.1, 1e16, 1.5e-07, 2e-5, 3e-10, -4.5e-9, True, False, None, {}],
+    {"looks-like-a-float": "1e-5", "iat": 1_700_000_000.5},
     {"big": 2**64 + 1},
 ]
 
@@ -29,6 +30,11 @@ def test_dumps_utf8_equals_the_stdlib(value: Any) -> None:
 def test_dumps_ascii_equals_the_stdlib(value: Any) -> None:
     """dumps_ascii gives the text of json.dumps(compact), non-ASCII escaped as the stdlib escapes it."""
     assert dumps_ascii(value) == json.dumps(value, separators=(",", ":"))
+
+
+def test_dumps_ascii_writes_an_infinite_float_as_null() -> None:
+    """A float JSON cannot hold (a claim of 1e400 decodes to inf) is null in a log line, never bare Infinity."""
+    assert json.loads(dumps_ascii({"x": float("inf"), "y": float("nan")})) == {"x": None, "y": None}
 
 
 def test_dumps_utf8_fails_on_a_lone_surrogate_as_the_stdlib_does() -> None:
