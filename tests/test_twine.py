@@ -302,7 +302,8 @@ def test_wrong_upstream_password_is_a_bad_gateway_about_the_operators_credential
     with serve_gateway(tmp_path / "gateway", _issuer, pypiserver.url, "not-the-password") as gateway:
         token = str(gateway.mint(_issuer.gitlab_token())["token"])
         code, output = twine(gateway, token, dists[PROJECT])
-        log = gateway.server.log.read_text()
+    # Read once the server has stopped: its log writer has written every line by then.
+    log = gateway.server.log.read_text()
     assert code != 0
     assert "HTTPError: 502 Bad Gateway" in output, output
     assert "the upstream index refused this gateway's index credentials (403); the upload token is fine" in output
