@@ -12,6 +12,8 @@ import contextlib
 import gc
 import itertools
 import logging
+import subprocess
+import sys
 import time
 import warnings
 from collections import Counter
@@ -29,7 +31,7 @@ from gateway.metrics import Metrics
 from gateway.store import RedisStore
 from gateway.testing import FakeClock, TestIssuer
 from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer, write_config
-from tests.processes import GatewayProcess, free_port
+from tests.processes import GatewayProcess, free_port, gateway_environ
 from tests.redis_server import REDIS_CLI, REDIS_SERVER, ClusterSet, RedisServer, SentinelSet, wait_replicas
 
 pytestmark = pytest.mark.skipif(
@@ -314,6 +316,45 @@ async def test_cluster_acks_are_the_shard_s_own(make_gateway: Any, issuer: TestI
     assert {(r.status_code, error_code(r)) for r in responses} == {(503, "replay-store-unavailable")}
     with cluster.client() as inspect:
         assert spent_keys(inspect, gateway) == []
+
+
+async def test_cluster_carries_pins_and_revocations_and_their_cli(
+    make_gateway: Any, issuer: TestIssuer, cluster: ClusterSet
+) -> None:
+    """Through a Cluster, a pin A records is held against B, and the real `pins list` and `revoke` CLI (which scan
+    and write through the Cluster client) list that pin and revoke the repository at A and B."""
+    issuers = {"gitlab-com": gitlab_issuer(issuer, pin_on_first_use=True)}
+    a = await make_gateway(issuers, redis_url=cluster.url)
+    b = await make_gateway(issuers, redis_url=cluster.url)
+    assert (await a.mint(issuer.gitlab_token())).status_code == 200
+    recreated = await b.mint(issuer.gitlab_token(project_id="70000001", job_project_id="70000001"))
+    assert recreated.status_code == 422 and "changed identity" in description(recreated)
+
+    path = a.exchange.settings.config_path
+    assert path is not None
+    listed = await asyncio.to_thread(gateway_cli, path, "pins", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.startswith("issuer=gitlab-com repository=group/project "), listed.stdout
+    revoked = await asyncio.to_thread(
+        gateway_cli, path, "revoke", "--issuer", "gitlab-com", "--repository", "group/project", "--reason", "drill"
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    for gateway in (a, b):
+        gateway.exchange.state.invalidate()  # what each replica does by itself within a second
+        refused = await gateway.mint(issuer.gitlab_token())
+        assert refused.status_code == 422 and "drill" in description(refused)
+
+
+def gateway_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway ARGS --config CONFIG`, as an operator runs it, in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args, "--config", str(config)],
+        env=gateway_environ(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 # What operators are told
