@@ -18,6 +18,12 @@ __all__ = ["dumps_ascii", "dumps_utf8"]
 # Python writes a float's negative one-digit exponent with two digits (1.5e-07), orjson with one (1.5e-7): such
 # output (or a string that merely looks like it) is left to the stdlib.
 _SHORT_EXPONENT = re.compile(rb"\de-\d(?!\d)")
+
+
+def _short_exponent(data: bytes) -> bool:
+    # The regex walks every byte (14 us over an audit line's 2 KB); `in` finds "e-" at memchr speed, and most
+    # lines hold none.
+    return b"e-" in data and _SHORT_EXPONENT.search(data) is not None
 # orjson leaves these to `default` as json.dumps would (it would otherwise write them its own way).
 _PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
 
@@ -32,7 +38,7 @@ def dumps_utf8(value: Any) -> bytes:
         # the same way it always did).
         pass
     else:
-        if not _SHORT_EXPONENT.search(data):
+        if not _short_exponent(data):
             return data
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -48,6 +54,6 @@ def dumps_ascii(value: Any, default: Any = None) -> str:
     except (orjson.JSONEncodeError, TypeError):
         pass
     else:
-        if data.isascii() and not _SHORT_EXPONENT.search(data):
+        if data.isascii() and not _short_exponent(data):
             return data.decode("ascii")
     return json.dumps(value, separators=(",", ":"), default=default)

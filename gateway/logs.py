@@ -228,7 +228,10 @@ class TextFormatter(logging.Formatter):
     characters escaped, as `!r` would, so a token's contents can never start a line of their own in the log."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = _UNSAFE.sub(_escape, record.message)
+        # Every character _UNSAFE matches is one isprintable refuses (control, format, separator, surrogate), and
+        # isprintable is twice as fast as the regex on an audit line that holds none.
+        if not record.message.isprintable():
+            record.message = _UNSAFE.sub(_escape, record.message)
         return super().formatMessage(record)
 
     # The date and time are formatted once per second rather than per record (they are a third of a line's cost).
