@@ -109,6 +109,9 @@ def _within(address: str | None, networks: tuple[IPv4Network | IPv6Network, ...]
 
 def _unmapped(address: str) -> str:
     """::ffff:a.b.c.d as a.b.c.d, so one client has one address (and one rate-limit budget)."""
+    if ":" not in address:
+        # IPv4 (or not an address at all): nothing to unmap, and ip_address would cost 2 us per mint to say so.
+        return address
     try:
         mapped = getattr(ip_address(address), "ipv4_mapped", None)
     except ValueError:
