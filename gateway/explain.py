@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -73,57 +74,59 @@ async def _explain(exchange: Exchange, token: str, lines: list[str]) -> int:
     lines += [f"  {name:<{width}}  {_value(getattr(identity, name))}" for name in FIELDS]
     ignored = sorted(set(claims) - kind.known_claims(verified.issuer))
     lines.append(f"ignored claims (unknown to the {kind.name} kind): {', '.join(ignored) or 'none'}")
-    lines.append(_owner_id_advice(exchange, verified))
-    lines.append(_repository_id_advice(exchange, verified))
+    lines.append(_pin_advice(exchange, verified, _OWNER_ID))
+    lines.append(_pin_advice(exchange, verified, _REPOSITORY_ID))
     return _publishers(exchange, verified, lines)
 
 
-def _owner_id_advice(exchange: Exchange, verified: Verified) -> str:
-    """The owner_id line: a pin to propose, or why none is proposed.
+@dataclass(frozen=True, slots=True)
+class _PinWording:
+    """How the advice line of one pinnable identity field reads."""
 
-    A publisher already pinned to another owner is the case the pin exists for (the repository path may now
-    belong to someone else), so the token's owner id is never proposed over it.
+    field: str  # the Identity and Publisher attribute, and the publishers.toml key
+    what: str  # "owner id", "repository id"
+    held_by: str  # which of the token's ids an existing pin was checked against
+    taken_over: str  # what a pin to another id may mean
+    refuses: str  # what a publisher pinning this field refuses
+
+
+_OWNER_ID = _PinWording(
+    "owner_id",
+    "owner id",
+    "this token's owner id",
+    "The repository path may now belong to another owner",
+    "refuses this repository path if it ever belongs to another owner",
+)
+_REPOSITORY_ID = _PinWording(
+    "repository_id",
+    "repository id",
+    "this token's id",
+    "The project may have been deleted and re-created under this path",
+    "refuses a project deleted and re-created under this path",
+)
+
+
+def _pin_advice(exchange: Exchange, verified: Verified, wording: _PinWording) -> str:
+    """The line for one pinnable id: a pin to propose, or why none is proposed.
+
+    A publisher already pinned to another id is the case the pin exists for (the repository path may now belong to
+    someone else, or to a re-created project), so the token's id is never proposed over it.
     """
-    identity = verified.identity
-    if identity.owner_id is None:
-        return "owner_id to pin: none (the token carries no owner id)"
-    pinned = [p for p in exchange.publishers.candidates(identity) if p.owner_id is not None]
-    others = [p for p in pinned if p.owner_id != identity.owner_id]
+    name = wording.field
+    value: str | None = getattr(verified.identity, name)
+    if value is None:
+        return f"{name} to pin: none (the token carries no {wording.what})"
+    pinned = [p for p in exchange.publishers.candidates(verified.identity) if getattr(p, name) is not None]
+    others = [p for p in pinned if getattr(p, name) != value]
     if others:
-        names = ", ".join(f"{_name(exchange, p)} pins {p.owner_id!r}" for p in others)
+        names = ", ".join(f"{_name(exchange, p)} pins {getattr(p, name)!r}" for p in others)
         return (
-            f"owner_id to pin: none proposed: {names}, but this token's owner id is {identity.owner_id!r}. The "
-            "repository path may now belong to another owner; find out who owns it before changing any pin"
+            f"{name} to pin: none proposed: {names}, but this token's {wording.what} is {value!r}. "
+            f"{wording.taken_over}; find out who owns it before changing any pin"
         )
     if pinned:
-        return f"owner_id to pin: already pinned to {identity.owner_id!r}, which this token's owner id equals"
-    return (
-        f"owner_id to pin: {identity.owner_id} (owner_id = {json.dumps(identity.owner_id)} in a publisher "
-        "refuses this repository path if it ever belongs to another owner)"
-    )
-
-
-def _repository_id_advice(exchange: Exchange, verified: Verified) -> str:
-    """The repository_id line, on the owner_id line's rules: never proposed over a publisher pinned to another id
-    (a project deleted and re-created under the same path is exactly what that pin refuses)."""
-    identity = verified.identity
-    if identity.repository_id is None:
-        return "repository_id to pin: none (the token carries no repository id)"
-    pinned = [p for p in exchange.publishers.candidates(identity) if p.repository_id is not None]
-    others = [p for p in pinned if p.repository_id != identity.repository_id]
-    if others:
-        names = ", ".join(f"{_name(exchange, p)} pins {p.repository_id!r}" for p in others)
-        return (
-            f"repository_id to pin: none proposed: {names}, but this token's repository id is "
-            f"{identity.repository_id!r}. The project may have been deleted and re-created under this path; find "
-            "out who owns it before changing any pin"
-        )
-    if pinned:
-        return f"repository_id to pin: already pinned to {identity.repository_id!r}, which this token's id equals"
-    return (
-        f"repository_id to pin: {identity.repository_id} (repository_id = {json.dumps(identity.repository_id)} in a "
-        "publisher refuses a project deleted and re-created under this path)"
-    )
+        return f"{name} to pin: already pinned to {value!r}, which {wording.held_by} equals"
+    return f"{name} to pin: {value} ({name} = {json.dumps(value)} in a publisher {wording.refuses})"
 
 
 def _issuer(settings: Settings, token: str) -> Issuer | None:
