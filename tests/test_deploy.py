@@ -46,7 +46,7 @@ from tests.redis_server import REDIS_SERVER, RedisServer
 from tests.test_multipart import CLOSE, CONTENT_TYPE, fields, part
 from tests.test_twine import OPERATOR as TWINE_OPERATOR
 from tests.test_twine import PyPIServer, build, run_pypiserver, twine_upload
-from tests.test_upload import FakeIndex, Received, basic
+from tests.test_upload import FakeIndex, basic
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEPLOY = REPOSITORY / "deploy"
@@ -629,22 +629,14 @@ class Relay(FakeIndex):
         self.fail = 0
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        assert scope["type"] == "http"
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-        self.received.append(Received(scope["method"], scope["path"], headers, bytes(body)))
+        received = await self.record(scope, receive)
         if self.fail:
             self.fail -= 1
             status, answer = 503, b"index briefly unavailable"
         else:
-            kept = {name: headers[name] for name in ("content-type", "authorization")}
+            kept = {name: received.headers[name] for name in ("content-type", "authorization")}
             async with httpx.AsyncClient(timeout=60) as client:
-                response = await client.post(self.index, content=bytes(body), headers=kept)
+                response = await client.post(self.index, content=received.body, headers=kept)
             status, answer = response.status_code, response.content
         raw = [(b"content-type", b"text/plain"), (b"content-length", str(len(answer)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -61,7 +61,8 @@ class FakeIndex:
         self.status, self.answer = 200, b"OK"
         self.answer_headers = {"content-type": "text/plain"}
 
-    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def record(self, scope: Scope, receive: Receive) -> Received:
+        """Read the whole request and keep it in `received`."""
         assert scope["type"] == "http"
         body = bytearray()
         while True:
@@ -71,6 +72,10 @@ class FakeIndex:
                 break
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         self.received.append(Received(scope["method"], scope["path"], headers, bytes(body)))
+        return self.received[-1]
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.record(scope, receive)
         raw = [(name.encode(), value.encode()) for name, value in self.answer_headers.items()]
         await send({"type": "http.response.start", "status": self.status, "headers": raw})
         await send({"type": "http.response.body", "body": self.answer})
