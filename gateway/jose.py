@@ -50,6 +50,9 @@ class Unverified:
     claims: UnverifiedClaims
     signing_input: bytes
     signature: bytes
+    # True when the payload took the orjson path of `strict_loads`, which refuses lone surrogates; otherwise
+    # (the stdlib path lets a `\ud800` escape through) `check_claims` must look for one.
+    surrogate_free: bool = False
 
     @property
     def issuer(self) -> str:
@@ -70,8 +73,8 @@ def peek(token: str) -> Unverified:
     if compact is None:
         raise InvalidPayload("token is not a compact JWS (three base64url segments separated by '.')")
     parts = compact.groups()
-    header = _decode_object(parts[0], "header")
-    claims = _decode_object(parts[1], "payload")
+    header, _ = _decode_object(parts[0], "header")
+    claims, surrogate_free = _decode_object(parts[1], "payload")
     signature = _b64decode(parts[2], "signature")
     iss = claims.get("iss")
     if not isinstance(iss, str) or not iss:
@@ -81,6 +84,7 @@ def peek(token: str) -> Unverified:
         claims=UnverifiedClaims(claims),
         signing_input=f"{parts[0]}.{parts[1]}".encode("ascii"),
         signature=signature,
+        surrogate_free=surrogate_free,
     )
 
 
@@ -113,6 +117,14 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant
 
 def strict_loads(data: bytes) -> Any:
     """JSON as RFC 8259 means it: UTF-8, no duplicate member names, no NaN or Infinity."""
+    return _strict_loads(data)[0]
+
+
+def _strict_loads(data: bytes) -> tuple[Any, bool]:
+    """`strict_loads`, and whether the value is known to hold no lone surrogate (a `\\ud800` escape).
+
+    orjson refuses lone surrogates, so a value from the orjson path has none; the stdlib accepts them.
+    """
     # The common case without a Python hook per object: orjson parses (strict UTF-8, no NaN or Infinity), and
     # if encoding the result gives back the very same bytes, the text had no duplicate member (a duplicate is
     # a member the result lacks, so its encoding would be shorter). Compact tokens as issuers send them take
@@ -121,7 +133,7 @@ def strict_loads(data: bytes) -> Any:
     try:
         value = orjson.loads(data)
         if orjson.dumps(value) == data:
-            return value
+            return value, True
     except (orjson.JSONDecodeError, orjson.JSONEncodeError):
         pass
     try:
@@ -129,21 +141,21 @@ def strict_loads(data: bytes) -> Any:
     except UnicodeDecodeError:
         raise StrictJSONError("not UTF-8") from None
     try:
-        return _DECODER.decode(text)
+        return _DECODER.decode(text), False
     except StrictJSONError:
         raise
     except (ValueError, RecursionError):
         raise StrictJSONError("not valid JSON") from None
 
 
-def _decode_object(segment: str, what: str) -> dict[str, Any]:
+def _decode_object(segment: str, what: str) -> tuple[dict[str, Any], bool]:
     try:
-        value = strict_loads(_b64decode(segment, what))
+        value, surrogate_free = _strict_loads(_b64decode(segment, what))
     except StrictJSONError as e:
         raise InvalidPayload(f"token {what} is not strict UTF-8 JSON: {e}") from None
     if not isinstance(value, dict):
         raise InvalidPayload(f"token {what} is not a JSON object")
-    return value
+    return value, surrogate_free
 
 
 def check_header(token: Unverified) -> None:
@@ -207,10 +219,10 @@ class Verifier:
             raise InvalidToken(f"the key {token.kid!r} cannot verify a {token.alg} signature") from None
         if not valid:
             raise InvalidToken("signature does not verify with the issuer's key")
-        self.check_claims(token.claims)
+        self.check_claims(token.claims, surrogates=not token.surrogate_free)
         return VerifiedClaims(token.claims)
 
-    def check_claims(self, claims: Mapping[str, Any]) -> None:
+    def check_claims(self, claims: Mapping[str, Any], *, surrogates: bool = True) -> None:
         missing = [name for name in REQUIRED_CLAIMS if claims.get(name) is None]
         if missing:
             raise InvalidToken(f"token is missing required claim(s): {', '.join(missing)}")
@@ -226,7 +238,7 @@ class Verifier:
                 raise InvalidToken(f"{name!r} must be a string, not {_json_type(claims[name])}")
         if not claims["jti"]:
             raise InvalidToken("'jti' must be a non-empty string")
-        where = _surrogate(claims)
+        where = _surrogate(claims) if surrogates else None
         if where is not None:
             # JSON's \ud800 escapes decode to lone surrogates, which are not text: no UTF-8 encoder (the minted
             # token's, a log's) takes them. Refused here, before any publisher, jti or mint sees them.

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway._json import dumps_ascii, dumps_utf8
-from gateway.jose import StrictJSONError, strict_loads
+from gateway.jose import StrictJSONError, _strict_loads, strict_loads
 
 VALUES: list[Any] = [
     {"success": True, "token": "a.b.c", "expires": 1_700_000_900, "projects": ["sampleproject"]},
@@ -78,3 +78,16 @@ def test_strict_loads_refuses_what_is_not_strict_json(text: bytes) -> None:
     """NaN, Infinity, invalid UTF-8, truncated text and a byte-order mark are refused."""
     with pytest.raises(StrictJSONError):
         strict_loads(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b'{"s":"\\ud800"}', b'{"s":"\\udfff"}', b'{"\\ud800":1}', b'{"a":["x","\\udc00"]}', b'{"a":{"b":"\\ud83d"}}'],
+)
+def test_a_lone_surrogate_is_never_reported_surrogate_free(text: bytes) -> None:
+    """`check_claims` skips its surrogate walk only for values `_strict_loads` calls surrogate-free; every lone
+    surrogate escape, in a value or a name, at any depth, must take the path that says it may hold one."""
+    value, surrogate_free = _strict_loads(text)
+    assert value == json.loads(text)
+    assert not surrogate_free
+
