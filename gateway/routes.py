@@ -30,6 +30,8 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 
 log = logging.getLogger(__name__)
 
+MINT_PATH = "/_/oidc/mint-token"
+
 
 def error_body(error: GatewayError) -> dict[str, Any]:
     return {"message": "Token request failed", "errors": [{"code": error.code, "description": error.description}]}
@@ -156,7 +158,7 @@ class Endpoints:
     def routes(self) -> list[Route]:
         return [
             Route("/_/oidc/audience", self.audience, methods=["GET"]),
-            Route("/_/oidc/mint-token", _Asgi(self.mint_token), methods=["POST"]),
+            Route(MINT_PATH, _Asgi(self.mint_token), methods=["POST"]),
             Route("/.well-known/openid-configuration", self.discovery, methods=["GET"]),
             Route("/.well-known/jwks.json", self.jwks, methods=["GET"]),
             Route("/livez", self.livez, methods=["GET"]),
