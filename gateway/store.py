@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import logging
 import os
 import secrets
@@ -16,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from cachetools import TLRUCache, TTLCache
+from cachetools import TTLCache
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
@@ -70,28 +71,43 @@ class Store(Protocol):
 
 
 class MemoryStore:
+    """Spent keys in this process: a dict of expiry times, and a heap that finds the next to expire."""
+
     # One million live token ids at once; past that, spending fails closed rather than evicting a live id,
     # which would let that token be replayed.
     def __init__(self, clock: Callable[[], float], maxsize: int = 1_000_000) -> None:
-        self._spent: TLRUCache[str, float] = TLRUCache(
-            maxsize=maxsize, ttu=lambda _key, expires, _now: expires, timer=clock
-        )
+        self._spent: dict[str, float] = {}
+        # (expiry, key), one per spend: a key spent again after it expired has an older entry here too, which is
+        # dropped when it comes up rather than searched for.
+        self._expiries: list[tuple[float, str]] = []
+        self._maxsize = maxsize
         self._clock = clock
         self.shared: SharedState | None = None
         self.on_error: Callable[[], None] = lambda: None
 
     def spent(self, key: str) -> bool:
-        return key in self._spent
+        expires = self._spent.get(key)
+        return expires is not None and self._clock() < expires
 
     async def spend(self, key: str, ttl: float) -> bool:
         # No await between the check and the write: on one event loop this is atomic.
-        if key in self._spent:
+        now = self._clock()
+        expires = self._spent.get(key)
+        if expires is not None and now < expires:
             return False
-        self._spent.expire()
-        if self._spent.currsize >= self._spent.maxsize:
+        self._expire(now)
+        if len(self._spent) >= self._maxsize:
             raise ReplayStoreUnavailable("the replay store is full; retry shortly")
-        self._spent[key] = self._clock() + ttl
+        self._spent[key] = now + ttl
+        heapq.heappush(self._expiries, (now + ttl, key))
         return True
+
+    def _expire(self, now: float) -> None:
+        expiries, spent = self._expiries, self._spent
+        while expiries and expiries[0][0] <= now:
+            expires, key = heapq.heappop(expiries)
+            if spent.get(key) == expires:
+                del spent[key]
 
     async def ready(self) -> bool:
         return True

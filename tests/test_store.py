@@ -91,6 +91,22 @@ async def test_memory_spend_expires_after_ttl(clock: FakeClock) -> None:
     assert await store.spend("jti:a", 10) is True
 
 
+async def test_memory_respend_outlives_its_earlier_expiry(clock: FakeClock) -> None:
+    """A key spent again after it expired keeps its new expiry when its first one comes due: the first spend's
+    expiry, still queued, must not forget the second spend."""
+    store = MemoryStore(clock)
+    assert await store.spend("jti:a", 10) is True
+    clock.advance(10.5)
+    assert await store.spend("jti:a", 100) is True
+    clock.advance(5)
+    assert await store.spend("jti:b", 100) is True  # expires what is due, the first spend of jti:a among them
+    assert store.spent("jti:a")
+    assert await store.spend("jti:a", 100) is False
+    clock.advance(96)
+    assert not store.spent("jti:a")
+    assert await store.spend("jti:a", 100) is True
+
+
 async def test_memory_full_store_fails_closed(clock: FakeClock) -> None:
     """A full store refuses new keys with replay-store-unavailable rather than evicting a live one."""
     store = MemoryStore(clock, maxsize=2)
