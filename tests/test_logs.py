@@ -7,6 +7,8 @@ import logging
 import threading
 import time
 
+import pytest
+
 from gateway import logs
 
 
@@ -89,13 +91,18 @@ def test_queued_handler_after_close_writes_at_once() -> None:
     assert stream.getvalue() == "line 2\n"
 
 
-def test_an_audit_line_in_the_text_log_holds_no_unsafe_character() -> None:
-    """An audit line's fields may hold any character a claim can: JSON escapes every one the text log must not
-    show raw except DEL, which the formatter escapes; the line is what escaping the whole JSON text would give."""
+@pytest.mark.parametrize(
+    "value",
+    ["".join(map(chr, range(0x80))), "".join(map(chr, range(0xA0))) + "\u2028\u2029\u202a\u202e\u2066\u2069"],
+    ids=["ascii", "unicode"],
+)
+def test_an_audit_line_in_the_text_log_holds_no_unsafe_character(value: str) -> None:
+    """An audit line's fields may hold any character a claim can, and the text log shows none of them raw: it is
+    what escaping the whole JSON text would give. ASCII values take orjson, which leaves DEL to the formatter;
+    others the stdlib, which escapes DEL itself."""
     formatter = logs.TextFormatter("%(message)s")
-    value = "".join(map(chr, range(0xA0))) + "\u2028\u2029\u202a\u202e\u2066\u2069 \u00fc"
     record = logging.LogRecord("gateway.audit", logging.INFO, "", 0, logs._Line({"v": value}), (), None)
     line = formatter.format(record)
     assert logs._UNSAFE.search(line) is None
-    assert "\\x7f" in line
     assert line == logs._UNSAFE.sub(logs._escape, logs.dumps_ascii({"v": value}))
+    assert ("\\x7f" in line) == value.isascii()
