@@ -268,6 +268,9 @@ def flush() -> None:
 
 
 def configure(level: str, format: str) -> None:
+    # Neither format shows a thread or process, and LogRecord looks up their names for every record otherwise (the
+    # logging HOWTO's "Optimization").
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = QueuedStreamHandler(sys.stderr)
     if format == "json":
         handler.setFormatter(JSONFormatter())
