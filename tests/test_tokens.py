@@ -362,6 +362,8 @@ CLAIMS = [
     case("aud-list-of-two", lambda i, n: i.sign(claims(i, n, aud=["pypi", "other"])), TOKEN, "aud"),
     case("aud-number", lambda i, n: i.sign(claims(i, n, aud=1)), TOKEN, "aud"),
     case("expired-beyond-leeway", lambda i, n: i.sign(claims(i, n - 600, exp=n - LEEWAY - 1)), TOKEN, "expired"),
+    # exp is the first instant the token is no longer good (RFC 7519 4.1.4): exp + leeway itself is refused.
+    case("expired-exactly-at-leeway", lambda i, n: i.sign(claims(i, n - 600, exp=n - LEEWAY)), TOKEN, "expired"),
     case("expired-long-ago", lambda i, n: i.sign(claims(i, n - 86400)), TOKEN, "expired"),
     case("nbf-beyond-leeway", lambda i, n: i.sign(claims(i, n, nbf=n + LEEWAY + 1)), TOKEN, "not valid before"),
     case("iat-beyond-leeway", lambda i, n: i.sign(claims(i, n, iat=n + LEEWAY + 1)), TOKEN, "future"),
