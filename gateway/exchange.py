@@ -191,7 +191,9 @@ class Exchange:
             ttl=settings.token_ttl,
             now=now,
         )
-        if not await self.store.spend(jti_key(verified.issuer.url, verified.claims["jti"]), ttl):
+        # The key verify() put on the attempt: hashed once per mint.
+        assert attempt.jti is not None
+        if not await self.store.spend(attempt.jti, ttl):
             raise ReusedToken("this ID token was already exchanged; each ID token can be used once")
         return Exchanged(verified=verified, match=match, minted=runtime.signer.sign(unsigned))
 

@@ -10,7 +10,6 @@ last of duplicate members, which would let a token mean one thing to us and anot
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import re
@@ -67,10 +66,11 @@ class Unverified:
 
 def peek(token: str) -> Unverified:
     """Split and strictly decode a compact JWS and read its `iss`; the header rules are `check_header`'s."""
-    compact = _COMPACT.fullmatch(token)
-    if compact is None:
+    if _COMPACT.fullmatch(token) is None:
         raise InvalidPayload("token is not a compact JWS (three base64url segments separated by '.')")
-    parts = compact.groups()
+    # ASCII by the pattern; translated to the standard alphabet once for all three segments.
+    data = token.encode("ascii")
+    parts = data.translate(_STANDARD_ALPHABET).split(b".")
     header, _ = _decode_object(parts[0], "header")
     claims, surrogate_free = _decode_object(parts[1], "payload")
     signature = _b64decode(parts[2], "signature")
@@ -80,15 +80,19 @@ def peek(token: str) -> Unverified:
     return Unverified(
         header=header,
         claims=UnverifiedClaims(claims),
-        signing_input=f"{parts[0]}.{parts[1]}".encode("ascii"),
+        signing_input=data[: data.rindex(b".")],
         signature=signature,
         surrogate_free=surrogate_free,
     )
 
 
-def _b64decode(segment: str, what: str) -> bytes:
+_STANDARD_ALPHABET = bytes.maketrans(b"-_", b"+/")
+
+
+def _b64decode(segment: bytes, what: str) -> bytes:
+    """A base64url segment, already translated to the standard alphabet, as base64.urlsafe_b64decode reads it."""
     try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return binascii.a2b_base64(segment + b"=" * (-len(segment) % 4))
     except (binascii.Error, ValueError):
         raise InvalidPayload(f"token {what} is not valid base64url") from None
 
@@ -146,7 +150,7 @@ def _strict_loads(data: bytes) -> tuple[Any, bool]:
         raise StrictJSONError("not valid JSON") from None
 
 
-def _decode_object(segment: str, what: str) -> tuple[dict[str, Any], bool]:
+def _decode_object(segment: bytes, what: str) -> tuple[dict[str, Any], bool]:
     try:
         value, surrogate_free = _strict_loads(_b64decode(segment, what))
     except StrictJSONError as e:
