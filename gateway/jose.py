@@ -4,8 +4,9 @@
 `check_header` then applies the header rules, once the issuer is known to be trusted: a token that names no
 trusted issuer is refused for that (`invalid-payload`, as Warehouse answers) whatever its header holds. `verify`
 checks the signature with joserfc's algorithm implementations and then the claims: their types, and the values
-of the registered ones as joserfc's claims registry checks them (written out here, for speed). Parsing is ours because the standard `json` module quietly keeps the
-last of duplicate members, which would let a token mean one thing to us and another to a different parser.
+of the registered ones as joserfc's claims registry checks them (written out here, for speed). Parsing is ours
+because the standard `json` module quietly keeps the last of duplicate members, which would let a token mean one
+thing to us and another to a different parser.
 """
 
 from __future__ import annotations
