@@ -34,8 +34,8 @@ VerifiedClaims = NewType("VerifiedClaims", Mapping[str, Any])
 BANNED_HEADERS = frozenset({"crit", "b64", "jku", "x5u", "x5c", "jwk"})
 REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "jti")
 
-# fullmatch, not match with "$": "$" also matches before a trailing newline, which base64 would then ignore.
-_COMPACT = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]*)")
+# The bytes a compact JWS is made of: the base64url alphabet and the dots between its segments.
+_COMPACT_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
 _KID = re.compile(r"[\x21-\x7e]{1,256}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # A year: longer-lived tokens could not be remembered for replay protection, and no CI issuer makes them.
@@ -67,11 +67,12 @@ class Unverified:
 
 def peek(token: str) -> Unverified:
     """Split and strictly decode a compact JWS and read its `iss`; the header rules are `check_header`'s."""
-    if _COMPACT.fullmatch(token) is None:
-        raise InvalidPayload("token is not a compact JWS (three base64url segments separated by '.')")
-    # ASCII by the pattern; translated to the standard alphabet once for all three segments.
-    data = token.encode("ascii")
+    # The compact form, checked in C: ASCII, nothing but base64url and dots (no padding, no whitespace), and
+    # three segments of which the signature alone may be empty. A regex walking 2 KB took five times as long.
+    data = token.encode("ascii") if token.isascii() else b"!"
     parts = data.translate(_STANDARD_ALPHABET).split(b".")
+    if len(parts) != 3 or not parts[0] or not parts[1] or data.translate(None, _COMPACT_ALPHABET):
+        raise InvalidPayload("token is not a compact JWS (three base64url segments separated by '.')")
     header, _ = _decode_object(parts[0], "header")
     claims, surrogate_free = _decode_object(parts[1], "payload")
     signature = _b64decode(parts[2], "signature")

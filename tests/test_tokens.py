@@ -152,6 +152,9 @@ STRUCTURE = [
     case("base64-plus-char", lambda i, n: splice(i.gitlab_token(), -4, "+"), PAYLOAD, "compact JWS", no_io=True),
     case("base64-slash-char", lambda i, n: "/" + i.gitlab_token(), PAYLOAD, "compact JWS", no_io=True),
     case("space-inside", lambda i, n: i.gitlab_token().replace(".", ". ", 1), PAYLOAD, "compact JWS", no_io=True),
+    # A letter outside ASCII (FULLWIDTH LATIN CAPITAL LETTER A), and a NUL: neither is base64url.
+    case("non-ascii-letter", lambda i, n: splice(i.gitlab_token(), -4, "\uff21"), PAYLOAD, "compact JWS", no_io=True),
+    case("nul-inside", lambda i, n: splice(i.gitlab_token(), 10, "\x00"), PAYLOAD, "compact JWS", no_io=True),
     # A segment must be nothing but base64url, and a regex `$` also matches before one trailing newline. With a
     # 3072-bit key the signature needs no padding, so a lenient decoder would quietly drop the newline.
     case(
