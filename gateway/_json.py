@@ -28,9 +28,14 @@ def _short_exponent(data: bytes) -> bool:
 _PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
-def dumps_utf8(value: Any) -> bytes:
+def dumps_utf8(value: Any, *, floats: bool = True) -> bytes:
     """`json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")`, for values without a
-    float JSON cannot hold (the minted claims and the answer have none; orjson would write null for it)."""
+    float JSON cannot hold (the minted claims and the answer have none; orjson would write null for it).
+
+    `floats=False` is the caller's word that the value holds no float at all (the minted claims and the answer
+    are strings, integers, booleans and None by construction): then no exponent can differ, and the output is not
+    searched for one (a search costs as much as the encoding).
+    """
     try:
         data = orjson.dumps(value, option=_PASSTHROUGH)
     except (orjson.JSONEncodeError, TypeError):
@@ -38,7 +43,7 @@ def dumps_utf8(value: Any) -> bytes:
         # the same way it always did).
         pass
     else:
-        if not _short_exponent(data):
+        if not floats or not _short_exponent(data):
             return data
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 

@@ -107,7 +107,8 @@ class Signer:
             "jti": jti,
             "identity": identity.as_dict(),
         }
-        payload = dumps_utf8(claims)
+        # Strings, integers, booleans and None only (iat is truncated to an integer).
+        payload = dumps_utf8(claims, floats=False)
         return Unsigned(signing_input=self._header + b"." + _b64(payload), expires=expires, jti=jti)
 
     def sign(self, unsigned: Unsigned) -> Minted:

@@ -209,7 +209,8 @@ class Endpoints:
         # Failures before an issuer is known (bad body, untrusted issuer) are counted under "-".
         self.metrics.mint(attempt.issuer or "-", outcome, time.perf_counter() - started)
         audit(attempt, outcome)
-        content = dumps_utf8(answer)
+        # A description, a token, an integer expiry and project names: no float.
+        content = dumps_utf8(answer, floats=False)
         raw_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(content)).encode()),

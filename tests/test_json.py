@@ -26,6 +26,22 @@ def test_dumps_utf8_equals_the_stdlib(value: Any) -> None:
     assert dumps_utf8(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+NO_FLOATS: list[Any] = [
+    VALUES[0],
+    VALUES[2],
+    {"looks-like-a-float": "1e-5 and 2E-7", "n": -(10**18), "sub": "gitlab-com:group/projekt-ü"},
+    VALUES[5],
+]
+
+
+@pytest.mark.parametrize("value", NO_FLOATS)
+def test_dumps_utf8_without_floats_equals_the_stdlib(value: Any) -> None:
+    """Told that its value holds no float, dumps_utf8 skips its exponent search and still gives the stdlib's bytes,
+    strings that look like exponents included."""
+    expected = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert dumps_utf8(value, floats=False) == expected
+
+
 @pytest.mark.parametrize("value", VALUES)
 def test_dumps_ascii_equals_the_stdlib(value: Any) -> None:
     """dumps_ascii gives the text of json.dumps(compact), non-ASCII escaped as the stdlib escapes it."""
