@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NewType
 
 import orjson
+import pybase64
 from joserfc.errors import JoseError
 from joserfc.jwk import Key
 from joserfc.jws import JWSRegistry
@@ -92,9 +93,10 @@ _STANDARD_ALPHABET = bytes.maketrans(b"-_", b"+/")
 
 
 def _b64decode(segment: bytes, what: str) -> bytes:
-    """A base64url segment, already translated to the standard alphabet, as base64.urlsafe_b64decode reads it."""
+    """A base64url segment, already translated to the standard alphabet, as base64.urlsafe_b64decode reads it
+    (pybase64 decodes exactly as binascii does, trailing bits and a one-too-long segment included)."""
     try:
-        return binascii.a2b_base64(segment + b"=" * (-len(segment) % 4))
+        return pybase64.b64decode(segment + b"=" * (-len(segment) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidPayload(f"token {what} is not valid base64url") from None
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pybase64
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -140,4 +140,4 @@ def _signer(key: Key) -> Callable[[bytes], bytes]:
 
 
 def _b64(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    return pybase64.urlsafe_b64encode(data).rstrip(b"=")

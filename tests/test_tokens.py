@@ -9,7 +9,9 @@ no trusted `iss`) is `invalid-payload`; header, algorithm, key, signature and cl
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import random
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -21,6 +23,8 @@ import pytest
 from joserfc import jws
 from joserfc.jwk import ECKey
 
+from gateway.errors import InvalidPayload
+from gateway.jose import _STANDARD_ALPHABET, _b64decode
 from gateway.testing import DELETE, FakeClock, TestIssuer
 from tests.conftest import Gateway, description, error_code
 
@@ -665,3 +669,22 @@ async def test_an_expiry_names_the_exact_instants(gateway: Gateway, issuer: Test
         f"(now {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(clock()))}, leeway 30 s)"
     )
     assert description(response).startswith(expected)
+
+
+def test_segments_decode_exactly_as_the_stdlib_decodes_them() -> None:
+    """peek decodes base64url with pybase64; for every length (one past a multiple of 4 included, which is no
+    base64) and non-zero trailing bits, it gives the stdlib's bytes, or refuses where the stdlib raises."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    rng = random.Random(12)  # noqa: S311 -- test inputs, seeded so a failure repeats
+    for length in range(1, 70):
+        for _ in range(40):
+            segment = "".join(rng.choice(alphabet) for _ in range(length))
+            try:
+                expected: bytes | None = base64.urlsafe_b64decode(segment + "=" * (-length % 4))
+            except binascii.Error:
+                expected = None
+            if expected is None:
+                with pytest.raises(InvalidPayload):
+                    _b64decode(segment.encode().translate(_STANDARD_ALPHABET), "payload")
+            else:
+                assert _b64decode(segment.encode().translate(_STANDARD_ALPHABET), "payload") == expected
