@@ -150,7 +150,7 @@ class Exchange:
         verifier = runtime.verifiers[issuer.name]
         verifier.check_header(token)
         key = await runtime.keys.key(issuer.name, token.kid)
-        claims = verifier.verify(token, key)
+        claims = verifier.verify(token, key, header_checked=True)
         # Keyed by the issuer's URL (what signed it), not its config name, so renaming an issuer in a reload
         # cannot make spent tokens new again.
         attempt.jti = jti_key(issuer.url, claims["jti"])

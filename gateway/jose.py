@@ -206,8 +206,11 @@ class Verifier:
                 f"algorithm {token.alg!r} is not accepted for this issuer (accepted: {', '.join(self.algorithms)})"
             )
 
-    def verify(self, token: Unverified, key: Key) -> VerifiedClaims:
-        self.check_header(token)
+    def verify(self, token: Unverified, key: Key, *, header_checked: bool = False) -> VerifiedClaims:
+        """The signature, then the claims. `header_checked`: the caller ran `check_header` on this very token
+        (the exchange does, before it looks the key up), so it is not run twice."""
+        if not header_checked:
+            self.check_header(token)
         try:
             algorithm = self._registry.get_alg(token.alg)
             algorithm.check_key(key)

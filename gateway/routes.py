@@ -134,12 +134,13 @@ def token_from(body: bytes, audience: str) -> str:
         payload = strict_loads(body)
     except StrictJSONError as e:
         raise InvalidPayload(f'body must be JSON {{"token": "<ID token>"}} ({e})') from None
-    if isinstance(payload, dict) and set(payload) == {"token"} and payload["token"] is None:
+    token = payload.get("token") if isinstance(payload, dict) and len(payload) == 1 else False
+    if isinstance(token, str):
+        return token
+    if token is None and "token" in payload:
         # What a script sends when it read a missing token with `jq .token` or from an unset variable.
         raise InvalidPayload(missing_token(audience))
-    if not isinstance(payload, dict) or set(payload) != {"token"} or not isinstance(payload["token"], str):
-        raise InvalidPayload('body must be exactly {"token": "<ID token>"}')
-    return payload["token"]
+    raise InvalidPayload('body must be exactly {"token": "<ID token>"}')
 
 
 class Endpoints:
