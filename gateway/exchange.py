@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import MAX_LEEWAY, Settings
 from .errors import InvalidPayload, InvalidPublisher, InvalidToken, ReplayStoreUnavailable, ReusedToken
@@ -75,15 +75,13 @@ class Attempt:
     at: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Verified:
+class Verified(NamedTuple):
     issuer: Issuer
     claims: VerifiedClaims
     identity: Identity
 
 
-@dataclass(frozen=True, slots=True)
-class Exchanged:
+class Exchanged(NamedTuple):
     verified: Verified
     match: Match
     minted: Minted

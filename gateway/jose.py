@@ -16,8 +16,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, NewType
+from typing import Any, NamedTuple, NewType
 
 import orjson
 import pybase64
@@ -43,8 +42,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_LIFETIME = 366 * 24 * 3600
 
 
-@dataclass(frozen=True, slots=True)
-class Unverified:
+class Unverified(NamedTuple):
     header: Mapping[str, Any]
     claims: UnverifiedClaims
     signing_input: bytes

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pybase64
 from cryptography.hazmat.primitives import hashes
@@ -37,15 +36,13 @@ def public_jwk(key: Key) -> dict[str, Any]:
     return public
 
 
-@dataclass(frozen=True, slots=True)
-class Minted:
+class Minted(NamedTuple):
     token: str
     expires: int
     jti: str
 
 
-@dataclass(frozen=True, slots=True)
-class Unsigned:
+class Unsigned(NamedTuple):
     """A token's encoded header and claims (the signing input), ready to sign: everything of minting that could
     fail on a claim value is done by the time one exists."""
 

@@ -11,6 +11,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import InvalidPublisher
 from .identity import Identity
@@ -30,8 +31,7 @@ class Publisher:
     refs: tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Comparison:
+class Comparison(NamedTuple):
     field: str
     expected: str | None
     got: str | None
@@ -43,8 +43,7 @@ class Comparison:
         return f"{self.field} expected {_show(self.expected)}, token has {_show(self.got)}"
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
+class Match(NamedTuple):
     publishers: tuple[Publisher, ...]
     projects: tuple[str, ...]
 
