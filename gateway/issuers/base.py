@@ -83,6 +83,20 @@ def check_claims(
     nullable: Mapping[str, type] = {},
 ) -> None:
     """Presence and JSON types of a kind's claims; strings stay strings (no `123` for `"123"`)."""
+    # The common case in one pass: JSON values are exactly str, int, float, bool, list, dict or None, so an exact
+    # type test is isinstance without a bool passing for an int.
+    get = claims.get
+    for name, kind in required.items():
+        if type(get(name)) is not kind:
+            break
+    else:
+        for name, kind in (*optional.items(), *nullable.items()):
+            value = get(name)
+            if value is not None and type(value) is not kind:
+                break
+        else:
+            return
+    # Something is missing or of another type: say which, in the tables' order.
     missing = [name for name in required if claims.get(name) is None]
     if missing:
         raise InvalidToken(f"token is missing required claim(s): {', '.join(missing)}")
