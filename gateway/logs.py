@@ -75,9 +75,10 @@ def audit(attempt: Attempt, outcome: str) -> None:
         fields["revocation"] = attempt.revocation
     if attempt.pin is not None:
         fields["pin"] = attempt.pin
-    # makeRecord + handle is Logger.info without findCaller's walk up the stack: the audit line names no
-    # source line, and is one call per mint.
-    record = audit_log.makeRecord(audit_log.name, logging.INFO, "", 0, _Line(fields), (), None, extra={"audit": fields})
+    # A record + handle is Logger.info without findCaller's walk up the stack (the audit line names no source
+    # line), and without makeRecord's loop over `extra`: it is one call per mint.
+    record = logging.getLogRecordFactory()(audit_log.name, logging.INFO, "", 0, _Line(fields), (), None)
+    record.audit = fields
     audit_log.handle(record)
 
 
@@ -239,9 +240,23 @@ def _unsafe(record: logging.LogRecord) -> bool:
     return not record.message.isprintable()
 
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 class TextFormatter(logging.Formatter):
     """One line per record: whatever a message interpolates (a claim value, a description) has its control
     characters escaped, as `!r` would, so a token's contents can never start a line of their own in the log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if type(record.msg) is not _Line or self._fmt != TEXT_FORMAT or record.exc_info or record.stack_info:
+            return super().format(record)
+        # An audit line in the default format: what logging.Formatter.format writes (a test compares them), without
+        # its generic steps (the format string's % over the record's dict, the traceback and stack checks).
+        record.message = message = str(record.msg)
+        if _unsafe(record):
+            record.message = message = _UNSAFE.sub(_escape, message)
+        record.asctime = self.formatTime(record)
+        return f"{record.asctime} {record.levelname} {record.name}: {message}"
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         if _unsafe(record):
@@ -275,7 +290,7 @@ def configure(level: str, format: str) -> None:
     if format == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in root.handlers:
         if isinstance(old, QueuedStreamHandler):

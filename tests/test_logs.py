@@ -70,6 +70,20 @@ def test_text_formatter_matches_logging_formatter() -> None:
         assert ours.format(rec) == stdlib.format(rec)
 
 
+@pytest.mark.parametrize("value", ["plain", "with DEL \x7f and a newline \n", "\u00fc \u2028"])
+def test_text_formatter_writes_an_audit_line_as_logging_formatter_would(value: str) -> None:
+    """An audit record takes TextFormatter's shortcut; the line is logging.Formatter's, its message escaped."""
+    fmt = logs.TEXT_FORMAT
+    ours, stdlib = logs.TextFormatter(fmt), logging.Formatter(fmt)
+    for created in (1_700_000_000.001, 1_700_000_001.5):
+        rec = logging.LogRecord("gateway.audit", logging.INFO, "", 0, logs._Line({"v": value, "n": 1}), (), None)
+        rec.created, rec.msecs = created, (created - int(created)) * 1000
+        expected = stdlib.format(rec)
+        escaped = logs._UNSAFE.sub(logs._escape, expected)
+        assert ours.format(rec) == escaped
+        assert rec.message == logs._UNSAFE.sub(logs._escape, str(rec.msg))
+
+
 def test_queued_handler_writes_a_lone_line_within_its_linger() -> None:
     """A single record on an idle handler is written without a flush, once the linger has passed."""
     stream = io.StringIO()
