@@ -240,19 +240,20 @@ class Verifier:
             raise InvalidToken(
                 f"claim {where!r} holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
             )
-        if claims["exp"] > self._clock() + MAX_LIFETIME:
+        clock = self._clock()
+        if claims["exp"] > clock + MAX_LIFETIME:
             raise InvalidToken("'exp' is more than a year away; CI ID tokens live minutes to hours")
         # The registered claims' values, as joserfc's JWTClaimsRegistry checks them (its rules and its order, on
         # a `now` truncated to the second), written out: the types above leave only comparisons, and the
         # registry's generic walk cost more than all of them.
-        now = int(self._clock())
+        now = int(clock)
         if claims["iss"] != self.issuer_url:
             raise InvalidToken(self._claim_problem("iss", claims))
         if aud != self.audience:
             raise InvalidToken(self._claim_problem("aud", claims))
         if claims["exp"] <= now - self.leeway:
             raise InvalidToken(
-                f"token expired at {_iso(claims['exp'])} (now {_iso(self._clock())}, leeway {self.leeway} s); "
+                f"token expired at {_iso(claims['exp'])} (now {_iso(clock)}, leeway {self.leeway} s); "
                 "request a fresh ID token in the job that uploads"
             )
         if "nbf" in claims and claims["nbf"] > now + self.leeway:
