@@ -316,6 +316,24 @@ async def test_hung_redis_many_concurrent_spends_all_bounded(
     assert time.monotonic() - started < BOUND
 
 
+@pytest.mark.parametrize("spends", [1, 3], ids=["lone", "batched"])
+async def test_redis_error_reply_refuses_the_spend_and_a_retry_may_win(
+    spends: int, own_redis: RedisServer, make_store: Callable[..., RedisStore]
+) -> None:
+    """Redis answering a spend with an error (out of memory here) fails it closed, whether the spend went alone (a
+    plain command) or with others of its tick (a pipeline); once Redis takes writes again, the retry wins."""
+    store = make_store(own_redis.url)
+    assert await store.spend("jti:warm", 60) is True  # connected before the limit
+    with own_redis.client() as admin:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+        keys = [f"jti:oom{n}" for n in range(spends)]
+        outcomes = await asyncio.gather(*(store.spend(key, 60) for key in keys), return_exceptions=True)
+        assert all(isinstance(outcome, ReplayStoreUnavailable) for outcome in outcomes), outcomes
+        admin.config_set("maxmemory", "0")
+    assert await asyncio.gather(*(store.spend(key, 60) for key in keys)) == [True] * spends
+
+
 # Fallback spends across an outage (security review)
 
 
