@@ -66,7 +66,7 @@ def handler(tokens_file: Path, mints: int) -> int:
         return _collected(done.stderr)
 
 
-def server(tokens_file: Path, mints: int, *, peer: bool) -> int:
+def server(tokens_file: Path, mints: int, *, peer: bool, redis_url: str | None = None) -> int:
     """Instructions of `mints` sequential exchanges through `gateway serve` (or the peer) over one connection."""
     tokens = TokenFile(tokens_file)
     meta = tokens.load_meta()
@@ -76,13 +76,15 @@ def server(tokens_file: Path, mints: int, *, peer: bool) -> int:
     try:
         with tempfile.TemporaryDirectory() as name:
             directory, port = Path(name), free_port()
-            config = write_config(directory, issuer, gateway_port=port, redis_url=None, publishers=10)
+            config = write_config(directory, issuer, gateway_port=port, redis_url=redis_url, publishers=10)
             target = ["-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
             if peer:
                 target = [
                     "-m", "bench.peer", "--issuer", issuer.url, "--ca-bundle", str(issuer.ca_path),
                     "--audience", AUDIENCE, "--port", str(port),
                 ]  # fmt: skip
+                if redis_url is not None:
+                    target += ["--redis-url", redis_url]
             log = directory / "server.log"
             with log.open("w") as out:
                 proc = subprocess.Popen(
@@ -135,15 +137,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens-file", type=Path, required=True)
     parser.add_argument("--mints", type=int, default=300, help="mints counted (default 300)")
     parser.add_argument("--peer", action="store_true", help="with server: the peer instead of the gateway")
+    parser.add_argument(
+        "--redis-url", help="with server: spend in this Redis (flushed first: use a throwaway one, never a real one)"
+    )
     args = parser.parse_args(argv)
     if TokenFile(args.tokens_file).load_meta() is None:
         parser.error(f"{args.tokens_file}: no tokens file (write one with python -m bench --tokens-file)")
     if args.what == "handler":
         count = handler(args.tokens_file, args.mints)
     else:
-        count = server(args.tokens_file, args.mints, peer=args.peer)
+        if args.redis_url:
+            subprocess.run(["redis-cli", "-u", args.redis_url, "FLUSHDB"], check=True, capture_output=True)
+        count = server(args.tokens_file, args.mints, peer=args.peer, redis_url=args.redis_url)
     name = "the peer" if args.peer else "the gateway"
     where = "its mint endpoint, in-process" if args.what == "handler" else "HTTP, one connection"
+    if args.redis_url:
+        where += ", Redis"
     print(f"{count / args.mints:,.0f} instructions per mint ({name}, {where}, {args.mints} mints)")
     return 0
 

@@ -102,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mints", type=int, default=20_000, help="mints per round (default 20,000)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is the figure (default 3)")
     parser.add_argument("--publishers", type=int, default=10)
+    parser.add_argument("--redis-url", help="spend in this Redis (a throwaway one: the bench's tokens land in it)")
     parser.add_argument("--profile", action="store_true", help="cProfile one more round and print its top functions")
     parser.add_argument("--sort", default="tottime", help="pstats order of the profile (default tottime)")
     parser.add_argument("--top", type=int, default=30)
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as directory, open(Path(directory) / "gateway.log", "w") as log:
             path = write_config(
-                Path(directory), issuer, gateway_port=8000, redis_url=None, publishers=args.publishers
+                Path(directory), issuer, gateway_port=8000, redis_url=args.redis_url, publishers=args.publishers
             )
             settings = config.load(path)
             logs.configure(settings.log_level, settings.log_format)

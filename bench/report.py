@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,10 +116,13 @@ def verdicts(measured: Sequence[Measured], goals: Goals) -> list[str]:
             continue
         ratio = gateway.rate / peer.rate
         by_cpu = peer.cpu_per_request / gateway.cpu_per_request if gateway.cpu_per_request else 0.0
+        # Each round's gateway run against the peer run right after it: the pairs share the machine's minute.
+        paired = [g.rate / p.rate for g, p in zip(gateway.runs, peer.runs, strict=False) if p.rate]
         lines.append(
             f"gateway/peer {STORE_NAMES[store]}: {ratio:.2f}x ({gateway.rate:,.0f} against {peer.rate:,.0f} mints/s; "
             f"target >= {goal:.2f}x): {_met(ratio >= goal)}; by CPU per mint {by_cpu:.2f}x "
-            f"({gateway.cpu_per_request * 1e6:.0f} against {peer.cpu_per_request * 1e6:.0f} us)"
+            f"({gateway.cpu_per_request * 1e6:.0f} against {peer.cpu_per_request * 1e6:.0f} us); round by round "
+            f"{statistics.median(paired):.2f}x ({' / '.join(f'{r:.2f}' for r in paired)})"
         )
     for store, rate in (("memory", goals.rate), ("redis", goals.redis_rate)):
         gateway = _find(measured, "gateway", store)

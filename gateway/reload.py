@@ -35,11 +35,14 @@ class Reloader:
         counter: Counter,
         *,
         load: Callable[[Path], config.Settings] = config.load,
+        on_switch: Callable[[], None] = lambda: None,
     ) -> None:
         self.exchange = exchange
         self.services = services
         self.counter = counter
         self.load = load
+        # Called once a new config is in force (the app settles its heap: app.settle_heap).
+        self.on_switch = on_switch
         self._stamps = self._stat(exchange.settings.files)
         self._task: asyncio.Task[None] | None = None
         self._signalled: set[asyncio.Task[bool]] = set()
@@ -83,6 +86,7 @@ class Reloader:
             )
         self._stamps = {**self._stat(settings.files), **{f: v for f, v in before.items() if f in settings.files}}
         self.counter.labels("success").inc()
+        self.on_switch()
         log.info("config reloaded: %d issuer(s), %d publisher(s)", len(settings.issuers), len(settings.publishers))
         return True
 

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import config
+from gateway.app import create_app
 from gateway.mint import generate_key
 from gateway.reload import Reloader
 from gateway.testing import TestIssuer
@@ -327,3 +330,26 @@ async def test_renaming_an_issuer_keeps_its_cached_keys(make_gateway: Any, issue
     assert await reloader(gateway).reload()
     assert (await gateway.mint(issuer.gitlab_token())).status_code == 200
     assert (issuer.discovery_count, issuer.jwks_count) == (1, 1)
+
+
+async def test_startup_and_each_reload_settle_the_heap_and_free_the_replaced_config(
+    tmp_path: Path, issuer: TestIssuer
+) -> None:
+    """The app freezes what it holds for good when it starts (app.settle_heap: full collections then skip it), and
+    settles again after a reload: the config it replaced is freed, not kept in the frozen generation."""
+    path = write_config(tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, (PUBLISHER,), reload_interval=0)
+    app = create_app(config.load(path, {}))
+    try:
+        async with app.router.lifespan_context(app):
+            assert gc.get_freeze_count() > 0
+            replaced = weakref.ref(app.state.exchange.publishers)
+            write_config(
+                tmp_path, {"gitlab-com": gitlab_issuer(issuer)}, (PUBLISHER, {**PUBLISHER, "workflow": "b.yml"}),
+                reload_interval=0,
+            )  # fmt: skip
+            assert await app.state.reloader.reload()
+            assert len(app.state.exchange.publishers) == 2
+            assert replaced() is None
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
