@@ -209,7 +209,6 @@ class Endpoints:
             }
         # Failures before an issuer is known (bad body, untrusted issuer) are counted under "-".
         self.metrics.mint(attempt.issuer or "-", outcome, time.perf_counter() - started)
-        audit(attempt, outcome)
         # A description, a token, an integer expiry and project names: no float.
         content = dumps_utf8(answer, floats=False)
         raw_headers = [
@@ -217,8 +216,13 @@ class Endpoints:
             (b"content-length", str(len(content)).encode()),
             *((name.lower().encode(), value.encode()) for name, value in headers.items()),
         ]
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": content})
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+            await send({"type": "http.response.body", "body": content})
+        finally:
+            # Once the answer is handed over (the audit line is formatted where it is logged), and whether or not
+            # the client was still there to take it.
+            audit(attempt, outcome)
 
     async def legacy_upload(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.upload is not None
