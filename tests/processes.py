@@ -58,6 +58,19 @@ def gateway_environ(**extra: str) -> dict[str, str]:
     return kept | extra
 
 
+def gateway_command(config: Path, *args: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway ARGS --config CONFIG` as an operator runs it, in a process of its own (environment:
+    gateway_environ(**environ))."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args, "--config", str(config)],
+        env=gateway_environ(**environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 class Server:
     """One server process listening on 127.0.0.1:`port`, started at construction.
 

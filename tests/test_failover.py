@@ -12,8 +12,6 @@ import contextlib
 import gc
 import itertools
 import logging
-import subprocess
-import sys
 import time
 import warnings
 from collections import Counter
@@ -31,7 +29,7 @@ from gateway.metrics import Metrics
 from gateway.store import RedisStore
 from gateway.testing import FakeClock, TestIssuer
 from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer, write_config
-from tests.processes import GatewayProcess, free_port, gateway_environ
+from tests.processes import GatewayProcess, free_port, gateway_command
 from tests.redis_server import REDIS_CLI, REDIS_SERVER, ClusterSet, RedisServer, SentinelSet, wait_replicas
 
 pytestmark = pytest.mark.skipif(
@@ -332,29 +330,17 @@ async def test_cluster_carries_pins_and_revocations_and_their_cli(
 
     path = a.exchange.settings.config_path
     assert path is not None
-    listed = await asyncio.to_thread(gateway_cli, path, "pins", "list")
+    listed = await asyncio.to_thread(gateway_command, path, "pins", "list")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.startswith("issuer=gitlab-com repository=group/project "), listed.stdout
     revoked = await asyncio.to_thread(
-        gateway_cli, path, "revoke", "--issuer", "gitlab-com", "--repository", "group/project", "--reason", "drill"
+        gateway_command, path, "revoke", "--issuer", "gitlab-com", "--repository", "group/project", "--reason", "drill"
     )
     assert revoked.returncode == 0, revoked.stderr
     for gateway in (a, b):
         gateway.exchange.state.invalidate()  # what each replica does by itself within a second
         refused = await gateway.mint(issuer.gitlab_token())
         assert refused.status_code == 422 and "drill" in description(refused)
-
-
-def gateway_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m gateway ARGS --config CONFIG`, as an operator runs it, in a process of its own."""
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args, "--config", str(config)],
-        env=gateway_environ(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 # What operators are told

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from gateway.app import create_app
 from gateway.state import FileState, RedisState, Revocation, pin_key
 from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer, write_config
-from tests.processes import GatewayProcess, gateway_environ, stop_all
+from tests.processes import GatewayProcess, gateway_command, stop_all
 from tests.redis_server import REDIS_SERVER, RedisServer
 from tests.test_fleet import acl_user
 
@@ -227,17 +225,6 @@ def test_pin_keys_name_the_issuer_url_and_the_folded_path() -> None:
 # Real processes.
 
 
-def cli(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args, "--config", str(path)],
-        env=gateway_environ(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def mint(base: str, token: str) -> httpx.Response:
     return httpx.post(f"{base}/_/oidc/mint-token", json={"token": token}, timeout=10)
 
@@ -268,9 +255,9 @@ def test_pin_made_by_one_replica_is_honoured_by_another(tmp_path: Path, issuer: 
             with redis_server.client() as inspect:
                 assert inspect.exists("gateway:" + pin_key(issuer.url, "group/project"))
 
-            listed = cli(path, "pins", "list")
+            listed = gateway_command(path, "pins", "list")
             assert listed.returncode == 0 and "repository=group/project" in listed.stdout, listed.stderr
-            forgot = cli(path, "pins", "forget", "--issuer", "gitlab-com", "--repository", "group/project")
+            forgot = gateway_command(path, "pins", "forget", "--issuer", "gitlab-com", "--repository", "group/project")
             finished = time.monotonic()
             assert forgot.returncode == 0, forgot.stderr
             wait_for(second, issuer, RECREATED, 200, finished)

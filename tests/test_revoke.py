@@ -31,7 +31,7 @@ from gateway.mint import generate_key
 from gateway.state import FileState, Revocation
 from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer, write_config
-from tests.processes import GatewayProcess, gateway_environ, stop_all
+from tests.processes import GatewayProcess, gateway_command, gateway_environ, stop_all
 from tests.redis_server import REDIS_SERVER, RedisServer
 from tests.test_upload import CONTENT_TYPE, FakeIndex, upload_body
 
@@ -41,16 +41,8 @@ UPSTREAM_PASSWORD = "operator-secret"
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m gateway ARGS --config CONFIG` as an operator runs it (with the gateway's environment), in a
-    process of its own."""
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args, "--config", str(config)],
-        env=gateway_environ(UPSTREAM_PASSWORD=UPSTREAM_PASSWORD),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    """The gateway's command line, with the upstream password its config names in the environment."""
+    return gateway_command(config, *args, UPSTREAM_PASSWORD=UPSTREAM_PASSWORD)
 
 
 def mint(base: str, token: str) -> httpx.Response:
