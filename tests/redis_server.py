@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import redis
 import trustme
@@ -296,7 +296,28 @@ class SentinelServer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-class SentinelSet:
+class _Deployment:
+    """Several processes started together: a context manager that stops every one of them, also when starting
+    them failed halfway."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SentinelSet(_Deployment):
     """One primary, `replicas` replicas and `sentinels` sentinels on loopback: what Redis Sentinel looks like in
     production, in miniature. `url` is what an operator puts in `redis_url`.
 
@@ -412,16 +433,6 @@ class SentinelSet:
         for server in self.servers:
             server.close()
 
-    def __enter__(self) -> SentinelSet:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is a port, and free too."""
@@ -437,7 +448,7 @@ def _cluster_port() -> int:
         return port
 
 
-class ClusterSet:
+class ClusterSet(_Deployment):
     """A Redis Cluster of `primaries` primaries (no replicas) on loopback ports, made with
     `redis-cli --cluster create`. `url` is what an operator puts in `redis_url`; a context manager."""
 
@@ -512,13 +523,3 @@ class ClusterSet:
     def close(self) -> None:
         for server in self.servers:
             server.close()
-
-    def __enter__(self) -> ClusterSet:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
