@@ -185,6 +185,9 @@ class Load:
         return [token for token, n in Counter(self.minted()).items() if n > 1]
 
 
+# redis-py loses track of some of its connections under this churn (see the end of the test); whenever the garbage
+# collector happens to find them during the test, their ResourceWarnings would fail it, not only at the end.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
 async def test_sentinel_failover_loses_no_spend_and_mints_nothing_twice(make_gateway: Any, issuer: TestIssuer) -> None:
     """Primary SIGKILLed under load with redis_replica_acks = 1: tokens spent before stay spent, minting resumes
     within 15 s, and no token is minted twice over the whole run."""
