@@ -21,6 +21,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,7 +54,12 @@ def _collected(log: str) -> int:
     return int(counts[-1])
 
 
-def handler(tokens_file: Path, mints: int) -> int:
+def _keep(directory: str, keep: Path | None) -> None:
+    if keep is not None:
+        shutil.copyfile(Path(directory) / "callgrind.out", keep)
+
+
+def handler(tokens_file: Path, mints: int, *, keep: Path | None = None) -> int:
     """Instructions of `mints` exchanges through the app's mint endpoint (bench/handler.py, one round)."""
     with tempfile.TemporaryDirectory() as directory:
         command = [
@@ -63,10 +69,13 @@ def handler(tokens_file: Path, mints: int) -> int:
         done = subprocess.run(command, capture_output=True, text=True, env=_env())
         if done.returncode != 0:
             raise SystemExit(f"bench.handler failed under valgrind:\n{done.stdout}\n{done.stderr[-2000:]}")
+        _keep(directory, keep)
         return _collected(done.stderr)
 
 
-def server(tokens_file: Path, mints: int, *, peer: bool, redis_url: str | None = None) -> int:
+def server(
+    tokens_file: Path, mints: int, *, peer: bool, redis_url: str | None = None, keep: Path | None = None
+) -> int:
     """Instructions of `mints` sequential exchanges through `gateway serve` (or the peer) over one connection."""
     tokens = TokenFile(tokens_file)
     meta = tokens.load_meta()
@@ -104,6 +113,7 @@ def server(tokens_file: Path, mints: int, *, peer: bool, redis_url: str | None =
             finally:
                 proc.send_signal(signal.SIGINT)
                 proc.wait(timeout=300)
+            _keep(name, keep)
             return _collected(log.read_text())
     finally:
         issuer.stop()
@@ -140,15 +150,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--redis-url", help="with server: spend in this Redis (flushed first: use a throwaway one, never a real one)"
     )
+    parser.add_argument(
+        "--keep", type=Path, metavar="FILE", help="keep callgrind's output there, for callgrind_annotate or kcachegrind"
+    )
     args = parser.parse_args(argv)
     if TokenFile(args.tokens_file).load_meta() is None:
         parser.error(f"{args.tokens_file}: no tokens file (write one with python -m bench --tokens-file)")
     if args.what == "handler":
-        count = handler(args.tokens_file, args.mints)
+        count = handler(args.tokens_file, args.mints, keep=args.keep)
     else:
         if args.redis_url:
             subprocess.run(["redis-cli", "-u", args.redis_url, "FLUSHDB"], check=True, capture_output=True)
-        count = server(args.tokens_file, args.mints, peer=args.peer, redis_url=args.redis_url)
+        count = server(args.tokens_file, args.mints, peer=args.peer, redis_url=args.redis_url, keep=args.keep)
     name = "the peer" if args.peer else "the gateway"
     where = "its mint endpoint, in-process" if args.what == "handler" else "HTTP, one connection"
     if args.redis_url:
