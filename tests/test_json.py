@@ -17,7 +17,15 @@ VALUES: list[Any] = [
     ["list", 0, 2**63 - 1, -(2**63), 0.1, 1e16, 1.5e-07, 2e-5, 3e-10, -4.5e-9, True, False, None, {}],
     {"looks-like-a-float": "1e-5", "iat": 1_700_000_000.5},
     {"big": 2**64 + 1},
+    # orjson spells these its own way (0.00001, 1e-7): each alone, with nothing else in the output to send it to
+    # the stdlib.
+    {"f": 2e-5},
+    {"f": -9.5e-5},
+    {"f": 1e-7},
+    [3.5e-9],
 ]
+# Floats orjson and Python's repr both spell the same way: the rest of the range, edges included.
+SAME_SPELLING = [0.0001, 1.5e-10, 1e-300, 5e-324, 0.5, 1e15, 1e16, 1.2345678901234568e17, 2.5e25, -0.0, 1795714183.0894794]
 
 
 @pytest.mark.parametrize("value", VALUES)
@@ -42,10 +50,33 @@ def test_dumps_utf8_without_floats_equals_the_stdlib(value: Any) -> None:
     assert dumps_utf8(value, floats=False) == expected
 
 
-@pytest.mark.parametrize("value", VALUES)
+def _small_floats(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_small_floats(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_small_floats(v) for v in value)
+    return isinstance(value, float) and 0 < abs(value) < 1e-4
+
+
+@pytest.mark.parametrize("value", [*VALUES, SAME_SPELLING])
 def test_dumps_ascii_equals_the_stdlib(value: Any) -> None:
-    """dumps_ascii gives the text of json.dumps(compact), non-ASCII escaped as the stdlib escapes it."""
-    assert dumps_ascii(value) == json.dumps(value, separators=(",", ":"))
+    """dumps_ascii gives the text of json.dumps(compact), non-ASCII escaped as the stdlib escapes it; a small float
+    (under 1e-4) reads back as the same float, spelt as orjson spells it."""
+    expected = json.dumps(value, separators=(",", ":"))
+    line = dumps_ascii(value)
+    assert line.isascii()
+    if _small_floats(value):
+        assert json.loads(line) == json.loads(expected)
+    else:
+        assert line == expected
+
+
+def test_dumps_ascii_reads_back_every_float_as_itself() -> None:
+    """A log line never changes a number: every float of a wide sweep, small ones included, reads back equal."""
+    floats = [m * 10.0**e for e in range(-330, 309) for m in (1.0, 1.5, 3.141592653589793, 9.999999999999998)]
+    floats = [f for f in floats if f != float("inf")]
+    assert json.loads(dumps_ascii(floats)) == floats
+    assert json.loads(dumps_ascii([-f for f in floats])) == [-f for f in floats]
 
 
 def test_dumps_ascii_writes_an_infinite_float_as_null() -> None:
