@@ -159,6 +159,22 @@ STRUCTURE = [
     # A letter outside ASCII (FULLWIDTH LATIN CAPITAL LETTER A), and a NUL: neither is base64url.
     case("non-ascii-letter", lambda i, n: splice(i.gitlab_token(), -4, "\uff21"), PAYLOAD, "compact JWS", no_io=True),
     case("nul-inside", lambda i, n: splice(i.gitlab_token(), 10, "\x00"), PAYLOAD, "compact JWS", no_io=True),
+    # A byte outside the alphabet in the payload or the signature is found by the base64 decoder; it is still
+    # said to be a malformed token, also when an earlier segment is broken in another way (its JSON here).
+    case(
+        "star-in-payload",
+        lambda i, n: i.gitlab_token().replace(".", ".*", 1),
+        PAYLOAD,
+        "compact JWS",
+        no_io=True,
+    ),
+    case(
+        "tab-in-signature-after-bad-json",
+        lambda i, n: replace_segment(i.gitlab_token(), 0, "ew") + "\tAA",
+        PAYLOAD,
+        "compact JWS",
+        no_io=True,
+    ),
     # A segment must be nothing but base64url, and a regex `$` also matches before one trailing newline. With a
     # 3072-bit key the signature needs no padding, so a lenient decoder would quietly drop the newline.
     case(
