@@ -20,6 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import config, logs
 from gateway.app import create_app
+from gateway.errors import InvalidPayload
+from gateway.jose import StrictJSONError, strict_loads
+from gateway.routes import token_from
 from gateway.store import MemoryStore
 from gateway.testing import FakeClock, TestIssuer
 from tests.conftest import PUBLISHER, Gateway, description, error_code, gitlab_issuer, write_config
@@ -201,6 +204,43 @@ BAD_BODIES: list[Any] = [
     # Exactly at the limit is allowed in, and then refused as not a token (not as too large).
     pytest.param(lambda t: b'{"token": "' + b"a" * (LIMIT - 13) + b'"}', id="at-the-limit"),
 ]
+
+
+# Bodies that carry one token, written the ways clients and hand-written scripts write them.
+GOOD_BODIES: list[Any] = [
+    pytest.param(lambda t: json.dumps({"token": t}).encode(), id="python-json"),
+    pytest.param(lambda t: json.dumps({"token": t}, separators=(",", ":")).encode(), id="compact"),
+    pytest.param(lambda t: b'\n { "token" :\t"' + t.encode() + b'" }\r\n', id="whitespace"),
+    pytest.param(lambda t: b'{"\\u0074oken": "' + t.encode() + b'"}', id="escaped-name"),
+    pytest.param(lambda t: b'{"token": "' + t.replace(".", "\\u002e", 1).encode() + b'"}', id="escaped-dot"),
+    pytest.param(lambda t: b'{"token": "' + t[:10].encode() + b'\\"' + t[10:].encode() + b'"}', id="escaped-quote"),
+]
+
+
+@pytest.mark.parametrize("make_body", [*GOOD_BODIES, *BAD_BODIES])
+def test_body_reading_is_the_strict_parsers(make_body: Callable[[str], bytes], issuer: TestIssuer) -> None:
+    """token_from's quick reading of the common body gives what the strict parser gives, refusals included."""
+    token = issuer.gitlab_token()
+    body = make_body(token)
+
+    def strictly() -> str:
+        try:
+            payload = strict_loads(body)
+        except StrictJSONError:
+            raise InvalidPayload("not strict JSON") from None
+        if not (isinstance(payload, dict) and len(payload) == 1 and isinstance(payload.get("token"), str)):
+            raise InvalidPayload("not exactly one token")
+        return payload["token"]  # type: ignore[no-any-return]
+
+    try:
+        expected: str | None = strictly()
+    except InvalidPayload:
+        expected = None
+    if expected is None:
+        with pytest.raises(InvalidPayload):
+            token_from(body, "pypi")
+    else:
+        assert token_from(body, "pypi") == expected
 
 
 @pytest.mark.parametrize("make_body", BAD_BODIES)
