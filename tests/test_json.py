@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
@@ -138,3 +139,47 @@ def test_a_lone_surrogate_is_never_reported_surrogate_free(text: bytes) -> None:
     assert value == json.loads(text)
     assert not surrogate_free
 
+
+
+def _stdlib_strict(text: bytes) -> Any:
+    """The reference: the stdlib decoder with duplicates and NaN refused, on strict UTF-8."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({name for name, _ in items}) != len(items):
+            raise ValueError("duplicate")
+        return dict(items)
+
+    def constant(name: str) -> Any:
+        raise ValueError(name)
+
+    return json.loads(text.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
+
+
+def _flat_objects() -> list[bytes]:
+    """Flat objects as issuers and attackers write them: duplicates (next to each other or far apart, with
+    values of other types), spacing, every JSON type, quotes and backslashes in strings, big integers."""
+    rng = random.Random(1)
+    values = ['"x"', '""', '"a b"', "1", "-0", "0.5", "1e5", "true", "false", "null", "18446744073709551616",
+              '"\\"q\\""', '"\\\\"', '"\\u0022"', "[]", '["x"]', '{"n":"x"}']  # fmt: skip
+    texts = []
+    for _ in range(400):
+        names = [rng.choice("abcd") for _ in range(rng.randint(1, 6))]
+        space = rng.choice(["", " ", "\n  "])
+        members = [f'"{name}":{space}{rng.choice(values)}' for name in names]
+        texts.append(("{" + space + f",{space}".join(members) + space + "}").encode())
+    return texts
+
+
+@pytest.mark.parametrize("text", _flat_objects())
+def test_strict_loads_is_the_strict_stdlib_reading(text: bytes) -> None:
+    """Whatever path a text takes, strict_loads reads what the strict stdlib decoder reads and refuses what it
+    refuses: a duplicate member is never taken, with or without spaces, whatever the values' types."""
+    try:
+        expected = _stdlib_strict(text)
+    except ValueError:
+        with pytest.raises(StrictJSONError):
+            strict_loads(text)
+    else:
+        value = strict_loads(text)
+        assert value == expected
+        assert [type(v) for v in value.values()] == [type(v) for v in expected.values()]
