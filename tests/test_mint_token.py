@@ -214,6 +214,10 @@ GOOD_BODIES: list[Any] = [
     pytest.param(lambda t: b'{"\\u0074oken": "' + t.encode() + b'"}', id="escaped-name"),
     pytest.param(lambda t: b'{"token": "' + t.replace(".", "\\u002e", 1).encode() + b'"}', id="escaped-dot"),
     pytest.param(lambda t: b'{"token": "' + t[:10].encode() + b'\\"' + t[10:].encode() + b'"}', id="escaped-quote"),
+    pytest.param(lambda t: b'{"token":"' + t.encode() + b'"}' + b" " * 9, id="longest-single-member-quick-path"),
+    pytest.param(lambda t: b'{"token":"' + t.encode() + b'"}' + b" " * 10, id="single-member-strict-path"),
+    # The shortest body with a second member: one byte longer than the quick path's longest.
+    pytest.param(lambda t: b'{"token":1,"token":"' + t.encode() + b'"}', id="shortest-duplicate"),
 ]
 
 
