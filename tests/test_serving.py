@@ -113,6 +113,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await asyncio.sleep(0.5)
         await send({"type": "http.response.body", "body": b"late"})
         return
+    if path == "/slow":
+        await asyncio.sleep(1.5)
     answer = b"%s %s %d %s" % (scope["method"].encode(), path.encode(), len(body), body[:20])
     headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(answer))]
     if path == "/close":
@@ -315,3 +317,41 @@ def test_bad_request_is_answered_400_and_closed(port: int, connect: Callable[[in
     client.send(b"NOT HTTP AT ALL\r\n\r\n")
     assert client.response()[0] == 400
     assert client.closed_by_server()
+
+
+def closed_after(client: Connection) -> float:
+    """Seconds until the server closes the connection."""
+    started = time.monotonic()
+    assert client.closed_by_server()
+    return time.monotonic() - started
+
+
+def test_keep_alive_timeout_closes_an_idle_connection(serve: Callable[..., Any], connect: Any) -> None:
+    with serve(timeout_keep_alive=1) as port:
+        client = connect(port)
+        client.send(request("GET", "/"))
+        client.response()
+        assert 0.8 < closed_after(client) < 1.5
+
+
+def test_keep_alive_timeout_counts_from_the_last_answer(serve: Callable[..., Any], connect: Any) -> None:
+    """A connection in use for longer than the timeout stays open; it closes a timeout after its last answer."""
+    with serve(timeout_keep_alive=1) as port:
+        client = connect(port)
+        for _ in range(6):
+            client.send(request("GET", "/"))
+            client.response()
+            time.sleep(0.4)
+        assert 0.4 < closed_after(client) < 1.1  # 0.6 s of the 1 s were slept above
+
+
+def test_keep_alive_timeout_does_not_cut_a_slow_answer(serve: Callable[..., Any], connect: Any) -> None:
+    """A request that takes longer than the timeout is answered; the timeout then counts from its answer."""
+    with serve(timeout_keep_alive=1) as port:
+        client = connect(port)
+        client.send(request("GET", "/"))
+        client.response()
+        time.sleep(0.5)
+        client.send(request("GET", "/slow"))  # answered 1.5 s later: past the first answer's deadline
+        assert client.response()[2] == b"GET /slow 0 "
+        assert 0.8 < closed_after(client) < 1.5
