@@ -91,6 +91,9 @@ async def test_never_more_than_one_write_is_held() -> None:
 # Real servers
 
 
+BIG = 80 * 65536
+
+
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
         return
@@ -105,6 +108,13 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         for n in range(50):
             await send({"type": "http.response.body", "body": b"%05d" % n * 4000, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if path == "/big":
+        # Far more than the socket buffers hold: the transport pauses writing until the client reads.
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % BIG)]})
+        for n in range(BIG // 65536):
+            await send({"type": "http.response.body", "body": bytes([n]) * 65536, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
         return
     if path == "/slow-body":
@@ -150,14 +160,17 @@ def running(asgi: Any, loop: str, **options: Any) -> Iterator[int]:
         thread.join(10)
 
 
+Serve = Callable[..., contextlib.AbstractContextManager[int]]
+
+
 @pytest.fixture(params=["asyncio", "uvloop"])
-def serve(request: pytest.FixtureRequest) -> Callable[..., contextlib.AbstractContextManager[int]]:
+def serve(request: pytest.FixtureRequest) -> Serve:
     """Starts the test app (or another) under uvicorn with the gateway's protocol, on both event loops."""
     return lambda asgi=app, **options: running(asgi, request.param, **options)
 
 
 @pytest.fixture
-def port(serve: Callable[..., contextlib.AbstractContextManager[int]]) -> Iterator[int]:
+def port(serve: Serve) -> Iterator[int]:
     with serve() as port:
         yield port
 
@@ -257,6 +270,14 @@ def test_answer_is_one_segment(port: int, connect: Callable[[int], Connection]) 
         assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\nPOST / 1 x"), first
 
 
+def test_a_slow_reader_gets_a_large_answer_whole(port: int, connect: Callable[[int], Connection]) -> None:
+    client = connect(port)
+    client.send(request("GET", "/big") + request("GET", "/"))
+    time.sleep(0.5)
+    assert client.response()[2] == b"".join(bytes([n]) * 65536 for n in range(BIG // 65536))
+    assert client.response()[2] == b"GET / 0 "
+
+
 def test_pipelined_requests_are_answered_in_order(port: int, connect: Callable[[int], Connection]) -> None:
     client = connect(port)
     client.send(b"".join(request("POST", f"/{n}", b"%d" % n) for n in range(5)))
@@ -326,7 +347,7 @@ def closed_after(client: Connection) -> float:
     return time.monotonic() - started
 
 
-def test_keep_alive_timeout_closes_an_idle_connection(serve: Callable[..., Any], connect: Any) -> None:
+def test_keep_alive_timeout_closes_an_idle_connection(serve: Serve, connect: Callable[[int], Connection]) -> None:
     with serve(timeout_keep_alive=1) as port:
         client = connect(port)
         client.send(request("GET", "/"))
@@ -334,7 +355,7 @@ def test_keep_alive_timeout_closes_an_idle_connection(serve: Callable[..., Any],
         assert 0.8 < closed_after(client) < 1.5
 
 
-def test_keep_alive_timeout_counts_from_the_last_answer(serve: Callable[..., Any], connect: Any) -> None:
+def test_keep_alive_timeout_counts_from_the_last_answer(serve: Serve, connect: Callable[[int], Connection]) -> None:
     """A connection in use for longer than the timeout stays open; it closes a timeout after its last answer."""
     with serve(timeout_keep_alive=1) as port:
         client = connect(port)
@@ -345,7 +366,7 @@ def test_keep_alive_timeout_counts_from_the_last_answer(serve: Callable[..., Any
         assert 0.4 < closed_after(client) < 1.1  # 0.6 s of the 1 s were slept above
 
 
-def test_keep_alive_timeout_does_not_cut_a_slow_answer(serve: Callable[..., Any], connect: Any) -> None:
+def test_keep_alive_timeout_does_not_cut_a_slow_answer(serve: Serve, connect: Callable[[int], Connection]) -> None:
     """A request that takes longer than the timeout is answered; the timeout then counts from its answer."""
     with serve(timeout_keep_alive=1) as port:
         client = connect(port)
