@@ -76,11 +76,54 @@ def audit(attempt: Attempt, outcome: str) -> None:
         fields["revocation"] = attempt.revocation
     if attempt.pin is not None:
         fields["pin"] = attempt.pin
+    writer = _sole_writer()
+    if writer is not None:
+        writer.emit_audit(fields, time.time())
+        return
     # A record + handle is Logger.info without findCaller's walk up the stack (the audit line names no source
     # line), and without makeRecord's loop over `extra`: it is one call per mint.
     record = logging.getLogRecordFactory()(audit_log.name, logging.INFO, "", 0, _Line(fields), (), None)
     record.audit = fields
     audit_log.handle(record)
+
+
+def _sole_writer() -> QueuedStreamHandler | None:
+    """The handler an audit record would reach, when nothing but it would see the record on its way.
+
+    `gateway serve` logs through one QueuedStreamHandler on the root logger, and then an audit line needs no
+    LogRecord, nor logging's walk through loggers and handlers: the handler formats the line from its fields, as
+    its formatter would format the record (a test holds them equal), a fifth of the line's cost. A filter,
+    another handler (pytest's caplog is one), a handler above INFO, a formatter of someone else's or a record
+    factory of someone's own: each gets the record, as before.
+    """
+    if audit_log.filters or audit_log.disabled or logging.getLogRecordFactory() is not logging.LogRecord:
+        return None
+    found = None
+    logger: logging.Logger | None = audit_log
+    while logger is not None:
+        for handler in logger.handlers:
+            if (
+                found is not None
+                or type(handler) is not QueuedStreamHandler
+                or handler.filters
+                or handler.level > logging.INFO
+                or not _formats_audit_lines(handler.formatter)
+            ):
+                return None
+            found = handler
+        logger = logger.parent if logger.propagate else None
+    return found
+
+
+def _formats_audit_lines(formatter: logging.Formatter | None) -> bool:
+    if type(formatter) is JSONFormatter:
+        return True
+    return type(formatter) is TextFormatter and formatter._fmt == TEXT_FORMAT and formatter.datefmt is None
+
+
+def _msecs(created: float) -> float:
+    """A LogRecord's `msecs` for a record made at `created` (time.time()), as logging computes it."""
+    return int((created - int(created)) * 1000) + 0.0
 
 
 # Never written to the audit log: the jti (only its hash, so a log line cannot be turned back into a spend key
@@ -101,7 +144,7 @@ class JSONFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": _json_time(record.created, record.msecs),
             "level": record.levelname.lower(),
             "logger": record.name,
         }
@@ -113,6 +156,16 @@ class JSONFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return dumps_ascii(line, default=str)
+
+    def audit_line(self, fields: dict[str, Any], created: float) -> str:
+        """`format` of the audit record of these fields, made at `created`, without making it."""
+        line: dict[str, Any] = {"time": _json_time(created, _msecs(created)), "level": "info", "logger": audit_log.name}
+        line.update(fields)
+        return dumps_ascii(line, default=str)
+
+
+def _json_time(created: float, msecs: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(msecs):03d}Z"
 
 
 class QueuedStreamHandler(logging.StreamHandler[TextIO]):
@@ -148,6 +201,17 @@ class QueuedStreamHandler(logging.StreamHandler[TextIO]):
         except Exception:
             self.handleError(record)
             return
+        self._queue(line)
+
+    def emit_audit(self, fields: dict[str, Any], created: float) -> None:
+        """Write the audit line of these fields, made at `created`, as `handle` would write its record (under the
+        handler's lock, formatted by its formatter, which `_sole_writer` checked can)."""
+        formatter = self.formatter
+        assert isinstance(formatter, (TextFormatter, JSONFormatter))
+        with self.lock:  # type: ignore[union-attr]
+            self._queue(formatter.audit_line(fields, created) + self.terminator)
+
+    def _queue(self, line: str) -> None:
         if not self._writer.is_alive():
             # Closed (or the thread is gone): write here rather than queue a line nobody would write.
             self._write_out([line])
@@ -221,14 +285,16 @@ def _escape(match: re.Match[str]) -> str:
 
 def _unsafe(record: logging.LogRecord) -> bool:
     """Whether the message may hold a character _UNSAFE matches; cheaper than the regex when it holds none."""
-    if type(record.msg) is _Line:
-        # An audit line is JSON as dumps_ascii writes it: ASCII, with every C0 control escaped; DEL is the one
-        # character _UNSAFE matches that JSON leaves as it is. `in` is a memchr, isprintable a loop in Python's
-        # Unicode tables (a fifth of a line's formatting).
-        return "\x7f" in record.message
     # Every character _UNSAFE matches is one isprintable refuses (control, format, separator, surrogate), and
     # isprintable is twice as fast as the regex on a message that holds none.
     return not record.message.isprintable()
+
+
+def _escaped_audit(message: str) -> str:
+    # An audit line is JSON as dumps_ascii writes it: ASCII, with every C0 control escaped; DEL is the one
+    # character _UNSAFE matches that JSON leaves as it is. `in` is a memchr, isprintable a loop in Python's
+    # Unicode tables (a fifth of a line's formatting).
+    return _UNSAFE.sub(_escape, message) if "\x7f" in message else message
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -243,11 +309,15 @@ class TextFormatter(logging.Formatter):
             return super().format(record)
         # An audit line in the default format: what logging.Formatter.format writes (a test compares them), without
         # its generic steps (the format string's % over the record's dict, the traceback and stack checks).
-        record.message = message = str(record.msg)
-        if _unsafe(record):
-            record.message = message = _UNSAFE.sub(_escape, message)
+        record.message = message = _escaped_audit(str(record.msg))
         record.asctime = self.formatTime(record)
         return f"{record.asctime} {record.levelname} {record.name}: {message}"
+
+    def audit_line(self, fields: dict[str, Any], created: float) -> str:
+        """`format` of the audit record of these fields, made at `created`, without making it (TEXT_FORMAT, the
+        default date format: `_sole_writer` checks)."""
+        message = _escaped_audit(dumps_ascii(fields))
+        return f"{self._stamp(created, _msecs(created))} INFO {audit_log.name}: {message}"
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         if _unsafe(record):
@@ -260,11 +330,14 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
+        return self._stamp(record.created, record.msecs)
+
+    def _stamp(self, created: float, msecs: float) -> str:
         second, stamp = self._second
-        if int(record.created) != second:
-            stamp = time.strftime(self.default_time_format, self.converter(record.created))
-            self._second = (int(record.created), stamp)
-        return f"{stamp},{int(record.msecs):03d}"  # logging.Formatter.default_msec_format
+        if int(created) != second:
+            stamp = time.strftime(self.default_time_format, self.converter(created))
+            self._second = (int(created), stamp)
+        return f"{stamp},{int(msecs):03d}"  # logging.Formatter.default_msec_format
 
 
 def flush() -> None:

@@ -10,6 +10,8 @@ import time
 import pytest
 
 from gateway import logs
+from gateway.exchange import Attempt
+from gateway.jose import VerifiedClaims
 
 
 def record(n: int, *args: object) -> logging.LogRecord:
@@ -120,3 +122,77 @@ def test_an_audit_line_in_the_text_log_holds_no_unsafe_character(value: str) -> 
     assert logs._UNSAFE.search(line) is None
     assert line == logs._UNSAFE.sub(logs._escape, logs.dumps_ascii({"v": value}))
     assert ("\\x7f" in line) == value.isascii()
+
+
+class _Keep(logging.Filter):
+    """Lets every record through; its presence alone makes an audit line take the record path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return True
+
+
+def _audit_lines(monkeypatch: pytest.MonkeyPatch, formatter: logging.Formatter, *, record_path: bool) -> list[str]:
+    """Audit lines of a few attempts, written through a QueuedStreamHandler on the root logger, as `serve` logs."""
+    stream = io.StringIO()
+    handler = logs.QueuedStreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    monkeypatch.setattr(logs.audit_log, "level", logging.NOTSET)
+    if record_path:
+        monkeypatch.setattr(logs.audit_log, "filters", [_Keep()])
+    assert (logs._sole_writer() is None) is record_path
+    for created in (1_700_000_000.0009, 1_700_000_000.9996, 1_700_000_001.5, 1_700_000_061.25):
+        monkeypatch.setattr(time, "time", lambda created=created: created)
+        attempt = Attempt(client="192.0.2.1", issuer="gitlab-com", jti="jti:ab", at=created)
+        attempt.claims = VerifiedClaims({"ref": "main\x7f\u2028", "n": 1, "iat": 1_700_000_000})
+        logs.audit(attempt, "success")
+    monkeypatch.undo()
+    handler.close()
+    return stream.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("json_lines", [False, True], ids=["text", "json"])
+def test_an_audit_line_written_without_a_record_is_the_records_line(
+    monkeypatch: pytest.MonkeyPatch, json_lines: bool
+) -> None:
+    """With one QueuedStreamHandler in the way, an audit line skips the LogRecord; it is byte for byte the line the
+    record would have given, time stamps and escaping included, in both formats."""
+
+    def formatter() -> logging.Formatter:
+        return logs.JSONFormatter() if json_lines else logs.TextFormatter(logs.TEXT_FORMAT)
+
+    direct = _audit_lines(monkeypatch, formatter(), record_path=False)
+    assert direct == _audit_lines(monkeypatch, formatter(), record_path=True)
+    assert len(direct) == 4 and "\\u2028" in direct[0] and "\x7f" not in direct[0]
+
+
+def test_an_audit_line_takes_the_record_path_when_anything_else_would_see_the_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A second handler (caplog), a handler filter, a handler above INFO, a formatter of another format, a record
+    factory of someone's own: each gets the record, so the direct path is never taken."""
+    handler = logs.QueuedStreamHandler(io.StringIO())
+    handler.setFormatter(logs.TextFormatter(logs.TEXT_FORMAT))
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    assert logs._sole_writer() is handler
+    changes = [
+        lambda: monkeypatch.setattr(root, "handlers", [handler, logging.NullHandler()]),
+        lambda: monkeypatch.setattr(handler, "filters", [_Keep()]),
+        lambda: monkeypatch.setattr(handler, "level", logging.WARNING),
+        lambda: monkeypatch.setattr(handler, "formatter", logs.TextFormatter("%(levelname)s %(message)s")),
+        lambda: monkeypatch.setattr(handler, "formatter", logging.Formatter(logs.TEXT_FORMAT)),
+        lambda: logging.setLogRecordFactory(lambda *a, **k: logging.LogRecord(*a, **k)),
+        lambda: monkeypatch.setattr(logs.audit_log, "propagate", False),
+    ]
+    for change in changes:
+        change()
+        try:
+            assert logs._sole_writer() is None
+        finally:
+            logging.setLogRecordFactory(logging.LogRecord)
+            monkeypatch.undo()
+            monkeypatch.setattr(root, "handlers", [handler])
+    handler.close()
