@@ -67,7 +67,7 @@ def _ref_path(claims: Mapping[str, Any]) -> str | None:
     return prefix + claims["ref"] if prefix and claims["ref"] else None
 
 
-def workflow_from(issuer_url: str, claims: Mapping[str, Any]) -> str:
+def workflow_from(issuer_url: str, claims: Mapping[str, Any], ref_path: str | None) -> str:
     """The CI config path, after checking that ci_config_ref_uri points into this very project and ref.
 
     GitLab builds it as `{host}/{project_path}//{config path}@{ref_path}` (or `@{sha}`). Every part is
@@ -93,15 +93,16 @@ def workflow_from(issuer_url: str, claims: Mapping[str, Any]) -> str:
     if "@" not in rest:
         raise InvalidPublisher("ci_config_ref_uri has no '<config path>@<ref>' part")
     # Both the config path and a branch name may contain "@" (`refs/heads/rel@1`), so the tail is compared with
-    # the pins the job has rather than cut at an "@". An empty ref_path or sha pins nothing: "…@" alone would
-    # otherwise match it.
-    pins = [f"@{value}" for value in (_ref_path(claims), claims.get("sha")) if value]
-    pin = next((pin for pin in pins if rest.endswith(pin)), None)
-    if pin is None:
+    # the pins the job has (its ref_path, then its sha) rather than cut at an "@". An empty ref_path or sha pins
+    # nothing: "…@" alone would otherwise match it.
+    for pin in (ref_path, claims.get("sha")):
+        if pin and rest.endswith("@" + pin):
+            break
+    else:
         raise InvalidPublisher(
             f"ci_config_ref_uri is pinned to {_tail(rest)}, which is neither the job's ref_path nor its sha"
         )
-    workflow: str = rest[: -len(pin)]
+    workflow: str = rest[: -len(pin) - 1]
     if not workflow:
         raise InvalidPublisher("ci_config_ref_uri has no '<config path>@<ref>' part")
     return workflow
@@ -125,6 +126,7 @@ def identity(issuer: Issuer, claims: Mapping[str, Any]) -> Identity:
     if "ci_config_ref_uri" not in claims:
         raise InvalidToken("token is missing 'ci_config_ref_uri' (GitLab 16.2 and later send it)")
     protected = claims.get("ref_protected")
+    ref_path = _ref_path(claims)
     get = claims.get
     # Positionally, in Identity's field order (each line names its field; the kind's tests check every field by
     # name): binding 19 keyword arguments costs a mint ~7,000 instructions more.
@@ -136,9 +138,9 @@ def identity(issuer: Issuer, claims: Mapping[str, Any]) -> Identity:
         claims["project_id"],  # repository_id
         claims["namespace_path"],  # owner
         claims["namespace_id"],  # owner_id
-        workflow_from(issuer.url, claims),  # workflow
+        workflow_from(issuer.url, claims, ref_path),  # workflow
         claims["ref"],  # ref
-        _ref_path(claims),  # ref_path
+        ref_path,  # ref_path
         claims["ref_type"],  # ref_type
         get("sha"),  # sha
         get("environment") or None,  # environment
