@@ -173,7 +173,8 @@ class Exchange:
         await self.check_revoked(verified, attempt)
         match = self.match(verified, runtime=runtime)
         attempt.publishers, attempt.projects = match.publishers, match.projects
-        await self.check_pin(verified, match, attempt)
+        if verified.issuer.pin_on_first_use:
+            await self.check_pin(verified, match, attempt)
         now = self.clock()
         # Remember the jti for as long as any clock within the *largest* leeway a config may set could still accept
         # the token, not the leeway in force: a reload raising it must not make a spent token new again.

@@ -240,7 +240,9 @@ class _Cached:
             self._refreshing = None
 
     async def revoked(self, issuer_url: str, repository: str, iat: float) -> Revocation | None:
-        await self.fresh()
+        if not (time.monotonic() < self._next and self._loaded):
+            # Awaited only when there may be something to do: a coroutine per mint costs more than the check.
+            await self.fresh()
         folded = fold(repository)
         for revocation in self._revoked.get((issuer_url, folded or ""), ()):
             if revocation.covers(issuer_url, repository, iat):

@@ -142,7 +142,10 @@ class Keys:
             raise self._unavailable(issuer)
         state = entry.state
         cached = state.key_set
-        key_set = await self._usable(issuer, state)
+        # Awaited only when the keys must be waited for: a coroutine per mint costs more than the check.
+        key_set = self._fresh(issuer, state)
+        if key_set is None:
+            key_set = await self._usable(issuer, state)
         key = key_set.keys.get(kid)
         if key is not None:
             self.on_lookup("memory" if key_set is cached else key_set.source)
@@ -174,17 +177,25 @@ class Keys:
         self.on_lookup(key_set.source)
         return key
 
-    async def _usable(self, issuer: str, state: _State) -> KeySet:
+    def _fresh(self, issuer: str, state: _State) -> KeySet | None:
+        """The cached key set if it may still be used (a refresh started in the background when one is due), or
+        None when the keys must be waited for (none yet, or older than max_age)."""
         key_set = state.key_set
         now = self.clock()
         if key_set is None or now - key_set.fetched_at >= self.policy.max_age:
-            if state.failed_at is not None and now - state.failed_at < FAILURE_BACKOFF and state.inflight is None:
-                raise self._unavailable(issuer)
-            return await self._wait(issuer, state, "load")
+            return None
         backing_off = state.failed_at is not None and now - state.failed_at < FAILURE_BACKOFF
         if now - key_set.fetched_at >= self.policy.ttl and state.inflight is None and not backing_off:
             self._start(issuer, state, "ttl")
         return key_set
+
+    async def _usable(self, issuer: str, state: _State) -> KeySet:
+        key_set = self._fresh(issuer, state)
+        if key_set is not None:
+            return key_set
+        if state.failed_at is not None and self.clock() - state.failed_at < FAILURE_BACKOFF and state.inflight is None:
+            raise self._unavailable(issuer)
+        return await self._wait(issuer, state, "load")
 
     def _start(self, issuer: str, state: _State, reason: Reason) -> asyncio.Task[KeySet | None]:
         if state.inflight is None:
