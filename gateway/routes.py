@@ -226,11 +226,9 @@ class Endpoints:
         self.metrics.mint(attempt.issuer or "-", outcome, time.perf_counter() - started)
         # A description, a token, an integer expiry and project names: no float.
         content = dumps_utf8(answer, floats=False)
-        raw_headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(content)).encode()),
-            *((name.lower().encode(), value.encode()) for name, value in headers.items()),
-        ]
+        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        if headers:  # a refusal's Retry-After; a success has none, and skips the generator's frame
+            raw_headers += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
         try:
             await send({"type": "http.response.start", "status": status, "headers": raw_headers})
             await send({"type": "http.response.body", "body": content})
