@@ -140,6 +140,10 @@ def _audit_lines(monkeypatch: pytest.MonkeyPatch, formatter: logging.Formatter, 
     monkeypatch.setattr(root, "handlers", [handler])
     monkeypatch.setattr(root, "level", logging.INFO)
     monkeypatch.setattr(logs.audit_log, "level", logging.NOTSET)
+    # Whatever earlier tests (or a dictConfig) left: a disabled logger, logging.disable, cached level answers.
+    monkeypatch.setattr(logs.audit_log, "disabled", False)
+    monkeypatch.setattr(root.manager, "disable", 0)
+    root.manager._clear_cache()
     if record_path:
         monkeypatch.setattr(logs.audit_log, "filters", [_Keep()])
     assert (logs._sole_writer() is None) is record_path
@@ -149,6 +153,7 @@ def _audit_lines(monkeypatch: pytest.MonkeyPatch, formatter: logging.Formatter, 
         attempt.claims = VerifiedClaims({"ref": "main\x7f\u2028", "n": 1, "iat": 1_700_000_000})
         logs.audit(attempt, "success")
     monkeypatch.undo()
+    root.manager._clear_cache()
     handler.close()
     return stream.getvalue().splitlines()
 
