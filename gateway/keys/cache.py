@@ -145,7 +145,7 @@ class Keys:
         # Awaited only when the keys must be waited for: a coroutine per mint costs more than the check.
         key_set = self._fresh(issuer, state)
         if key_set is None:
-            key_set = await self._usable(issuer, state)
+            key_set = await self._load(issuer, state)
         key = key_set.keys.get(kid)
         if key is not None:
             self.on_lookup("memory" if key_set is cached else key_set.source)
@@ -189,10 +189,8 @@ class Keys:
             self._start(issuer, state, "ttl")
         return key_set
 
-    async def _usable(self, issuer: str, state: _State) -> KeySet:
-        key_set = self._fresh(issuer, state)
-        if key_set is not None:
-            return key_set
+    async def _load(self, issuer: str, state: _State) -> KeySet:
+        """The key set when `_fresh` has none to give: waited for, unless the last fetch failed just now."""
         if state.failed_at is not None and self.clock() - state.failed_at < FAILURE_BACKOFF and state.inflight is None:
             raise self._unavailable(issuer)
         return await self._wait(issuer, state, "load")
