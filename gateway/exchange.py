@@ -173,7 +173,7 @@ class Exchange:
         await self.check_revoked(verified, attempt)
         match = self.match(verified, runtime=runtime)
         attempt.publishers, attempt.projects = match.publishers, match.projects
-        if verified.issuer.pin_on_first_use:
+        if verified.issuer.pin_on_first_use:  # checked here: a coroutine per mint costs more than the test
             await self.check_pin(verified, match, attempt)
         now = self.clock()
         # Remember the jti for as long as any clock within the *largest* leeway a config may set could still accept
@@ -212,8 +212,9 @@ class Exchange:
             )
 
     async def check_pin(self, verified: Verified, match: Match, attempt: Attempt) -> None:
-        """Refuse a repository whose ids changed since its first mint; record them at the first."""
-        if not verified.issuer.pin_on_first_use or all(_pinned_statically(p) for p in match.publishers):
+        """For an issuer with `pin_on_first_use`: refuse a repository whose ids changed since its first mint;
+        record them at the first."""
+        if all(_pinned_statically(p) for p in match.publishers):
             return
         identity = verified.identity
         if identity.repository_id is None and identity.owner_id is None:

@@ -210,6 +210,11 @@ class _Cached:
     async def _load(self) -> None:
         raise NotImplementedError
 
+    def current(self) -> bool:
+        """Whether the in-process copy is read and younger than the refresh interval: `fresh` has nothing to do.
+        Checked before awaiting it on the mint path, where a coroutine per mint costs more than the check."""
+        return self._loaded and time.monotonic() < self._next
+
     async def fresh(self) -> None:
         """Bring the in-process copy up to date if it is older than the refresh interval."""
         if time.monotonic() < self._next:
@@ -240,8 +245,7 @@ class _Cached:
             self._refreshing = None
 
     async def revoked(self, issuer_url: str, repository: str, iat: float) -> Revocation | None:
-        if not (time.monotonic() < self._next and self._loaded):
-            # Awaited only when there may be something to do: a coroutine per mint costs more than the check.
+        if not self.current():
             await self.fresh()
         folded = fold(repository)
         for revocation in self._revoked.get((issuer_url, folded or ""), ()):
