@@ -3,8 +3,9 @@
 `peek` reads a token without trusting it: only its `iss` may be used, and only to choose a verifier.
 `check_header` then applies the header rules, once the issuer is known to be trusted: a token that names no
 trusted issuer is refused for that (`invalid-payload`, as Warehouse answers) whatever its header holds. `verify`
-checks the signature with joserfc's algorithm implementations and then the claims: their types, and the values
-of the registered ones as joserfc's claims registry checks them (written out here, for speed). Parsing is ours
+checks the signature (joserfc's key rules for the algorithm, once per key; RS* then straight on `cryptography`,
+the rest by joserfc's algorithms) and then the claims: their types, and the values of the registered ones as
+joserfc's claims registry checks them (written out here, for speed). Parsing is ours
 because the standard `json` module quietly keeps the last of duplicate members, which would let a token mean one
 thing to us and another to a different parser.
 """
@@ -12,6 +13,7 @@ thing to us and another to a different parser.
 from __future__ import annotations
 
 import binascii
+import functools
 import json
 import re
 import time
@@ -20,6 +22,9 @@ from typing import Any, NamedTuple, NewType
 
 import orjson
 import pybase64
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from joserfc.errors import JoseError
 from joserfc.jwk import Key
 from joserfc.jws import JWSRegistry
@@ -208,6 +213,8 @@ class Verifier:
         self._clock = clock
         # Only the issuer's own algorithms; joserfc then refuses `none`, HMAC and everything else by name.
         self._registry = JWSRegistry(algorithms=list(algorithms), strict_check_header=False)
+        # (id of a key, alg) -> (that key, its signature check): see _signature_check.
+        self._checks: dict[tuple[int, str], tuple[Key, Callable[[bytes, bytes], bool]]] = {}
 
     def check_header(self, token: Unverified) -> None:
         """The header rules, and an algorithm this issuer signs with: both before any key is looked up."""
@@ -223,15 +230,38 @@ class Verifier:
         if not header_checked:
             self.check_header(token)
         try:
-            algorithm = self._registry.get_alg(token.alg)
-            algorithm.check_key(key)
-            valid = algorithm.verify(token.signing_input, token.signature, key)
+            valid = self._signature_check(token.alg, key)(token.signing_input, token.signature)
         except (JoseError, ValueError, TypeError):
             raise InvalidToken(f"the key {token.kid!r} cannot verify a {token.alg} signature") from None
         if not valid:
             raise InvalidToken("signature does not verify with the issuer's key")
         self.check_claims(token.claims, surrogates=not token.surrogate_free)
         return VerifiedClaims(token.claims)
+
+    def _signature_check(self, alg: str, key: Key) -> Callable[[bytes, bytes], bool]:
+        """How `key` checks an `alg` signature: joserfc's algorithm, once it accepted the key for it.
+
+        joserfc's key checks (the algorithm is one of the issuer's; the key's type, curve, `use`, `alg` and
+        `key_ops` allow it) depend on nothing but the key and the algorithm, and a cached key never changes, so they
+        run once per key and algorithm, not once per token. RS256, RS384 and RS512 then verify straight on the key's
+        `cryptography` object, with the same padding and hash joserfc would pass; every other algorithm keeps
+        joserfc's own verify.
+        """
+        found = self._checks.get((id(key), alg))
+        if found is not None and found[0] is key:  # the key itself, not one that reused a dead key's id
+            return found[1]
+        algorithm = self._registry.get_alg(alg)
+        algorithm.check_key(key)
+        check: Callable[[bytes, bytes], bool]
+        if alg in _PKCS1_HASHES:
+            check = _pkcs1_check(key.get_op_key("verify"), _PKCS1_HASHES[alg]())
+        else:
+            check = functools.partial(_joserfc_check, algorithm, key)
+        if len(self._checks) >= _MAX_CHECKS:
+            # Key sets are small and rotate rarely; a refresh brings new key objects, so the old ones' entries go.
+            self._checks.clear()
+        self._checks[(id(key), alg)] = (key, check)
+        return check
 
     def check_claims(self, claims: Mapping[str, Any], *, surrogates: bool = True) -> None:
         get = claims.get
@@ -289,6 +319,34 @@ class Verifier:
         if name == "iat":
             return f"token was issued in the future at {_iso(claims['iat'])} (now {now}, leeway {self.leeway} s)"
         return f"claim {name!r} is invalid"
+
+
+# RSASSA-PKCS1-v1_5 (RFC 7518 section 3.3), as joserfc's RSAAlgorithm signs and verifies it.
+_PKCS1_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "RS256": hashes.SHA256,
+    "RS384": hashes.SHA384,
+    "RS512": hashes.SHA512,
+}
+_PKCS1 = padding.PKCS1v15()
+# Far more than the keys of every issuer's current and previous sets, verified with each of their algorithms.
+_MAX_CHECKS = 256
+
+
+def _pkcs1_check(public_key: Any, hash_algorithm: hashes.HashAlgorithm) -> Callable[[bytes, bytes], bool]:
+    verify = public_key.verify
+
+    def check(signing_input: bytes, signature: bytes) -> bool:
+        try:
+            verify(signature, signing_input, _PKCS1, hash_algorithm)
+        except InvalidSignature:
+            return False
+        return True
+
+    return check
+
+
+def _joserfc_check(algorithm: Any, key: Key, signing_input: bytes, signature: bytes) -> bool:
+    return bool(algorithm.verify(signing_input, signature, key))
 
 
 def _iso(seconds: float) -> str:
