@@ -10,7 +10,6 @@ from typing import Any, NamedTuple
 import pybase64
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from joserfc.jwk import ECKey, Key, OKPKey
 
 from ._json import dumps_utf8
@@ -126,14 +125,24 @@ def _signer(key: Key) -> Callable[[bytes], bytes]:
         ecdsa = ec.ECDSA(hashes.SHA256())
 
         def sign_es256(message: bytes) -> bytes:
-            # JWS wants r || s, each 32 bytes (RFC 7518 section 3.4), not the DER that OpenSSL returns.
-            r, s = decode_dss_signature(private.sign(message, ecdsa))
-            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+            return raw_p256_signature(private.sign(message, ecdsa))
 
         return sign_es256
     if isinstance(private, ed25519.Ed25519PrivateKey):
         return private.sign
     raise ValueError("the signing key must be a private EC P-256 or Ed25519 key")
+
+
+def raw_p256_signature(der: bytes) -> bytes:
+    """r || s, each 32 bytes (the JWS form, RFC 7518 section 3.4), of the DER that OpenSSL signs P-256 with.
+
+    The DER is SEQUENCE { INTEGER r, INTEGER s }: `30 L 02 Lr r 02 Ls s`, every length one byte (a P-256
+    signature is at most 72 bytes), each integer minimal and positive, so 33 bytes when its top bit is set (a
+    leading zero) and fewer than 32 when it is small. Cut by those lengths: a third of the cost of
+    `decode_dss_signature` and two `int.to_bytes`, to which a test holds it.
+    """
+    r_end = 4 + der[3]
+    return der[4:r_end][-32:].rjust(32, b"\0") + der[r_end + 2 :][-32:].rjust(32, b"\0")
 
 
 def _b64(data: bytes) -> bytes:
