@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import functools
+import hashlib
 import json
 import re
 import time
@@ -25,6 +26,7 @@ import pybase64
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from joserfc.errors import JoseError
 from joserfc.jwk import Key
 from joserfc.jws import JWSRegistry
@@ -334,10 +336,13 @@ _MAX_CHECKS = 256
 
 def _pkcs1_check(public_key: Any, hash_algorithm: hashes.HashAlgorithm) -> Callable[[bytes, bytes], bool]:
     verify = public_key.verify
+    # The digest by hashlib, passed as Prehashed: the same hash, without a cryptography Hash object per token.
+    digest = getattr(hashlib, hash_algorithm.name)
+    prehashed = Prehashed(hash_algorithm)
 
     def check(signing_input: bytes, signature: bytes) -> bool:
         try:
-            verify(signature, signing_input, _PKCS1, hash_algorithm)
+            verify(signature, digest(signing_input).digest(), _PKCS1, prehashed)
         except InvalidSignature:
             return False
         return True

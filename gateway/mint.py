@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Callable, Sequence
@@ -10,6 +11,7 @@ from typing import Any, NamedTuple
 import pybase64
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from joserfc.jwk import ECKey, Key, OKPKey
 
 from ._json import dumps_utf8
@@ -122,10 +124,12 @@ def _signer(key: Key) -> Callable[[bytes], bytes]:
     """
     private = key.private_key
     if isinstance(private, ec.EllipticCurvePrivateKey):
-        ecdsa = ec.ECDSA(hashes.SHA256())
+        # Hashed by hashlib and passed as Prehashed: the same SHA-256, without a cryptography Hash object per call.
+        ecdsa = ec.ECDSA(Prehashed(hashes.SHA256()))
+        sha256 = hashlib.sha256
 
         def sign_es256(message: bytes) -> bytes:
-            return raw_p256_signature(private.sign(message, ecdsa))
+            return raw_p256_signature(private.sign(sha256(message).digest(), ecdsa))
 
         return sign_es256
     if isinstance(private, ed25519.Ed25519PrivateKey):
