@@ -62,6 +62,11 @@ def fold(path: str) -> str | None:
     return path.lower() if path.isascii() else None
 
 
+def same_folded(a: str, b: str) -> bool:
+    """`fold(a) == fold(b)`, without folding when the two are the very same string (a job's paths usually are)."""
+    return a == b or fold(a) == fold(b)
+
+
 def under_namespaces(repository: str, namespaces: Iterable[str]) -> bool:
     folded = fold(repository)
     if folded is None:

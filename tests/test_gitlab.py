@@ -53,6 +53,7 @@ async def test_missing_ci_config_ref_uri_is_invalid_token(gateway: Gateway, issu
         pytest.param(lambda i: config_uri(i, "other/project"), id="another-project"),
         pytest.param(lambda i: config_uri(i, "group/project-evil"), id="prefix-of-longer-project"),
         pytest.param(lambda i: config_uri(i, "group"), id="parent-group"),
+        pytest.param(lambda i: config_uri(i, "group/projec\u212a"), id="kelvin-sign-look-alike"),
         pytest.param(lambda i: "gitlab.example.com/group/project//.gitlab-ci.yml@refs/heads/main", id="other-host"),
         pytest.param(lambda i: f"{i.host}0/group/project//.gitlab-ci.yml@refs/heads/main", id="host-port-prefix"),
         pytest.param(
@@ -228,6 +229,9 @@ async def test_homoglyph_project_path_never_matches(
         pytest.param("forker/project", 422, id="fork"),
         pytest.param("group/project-fork", 422, id="fork-same-group"),
         pytest.param("group/project", 200, id="equal"),
+        pytest.param("Group/Project", 200, id="equal-but-for-ascii-case"),
+        # KELVIN SIGN lower()s to "k": only ASCII is folded, so this is another project.
+        pytest.param("group/projec\u212a", 422, id="kelvin-sign-look-alike"),
         pytest.param(DELETE, 200, id="absent"),
     ],
 )

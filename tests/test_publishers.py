@@ -8,7 +8,7 @@ import pytest
 
 from gateway.errors import InvalidPublisher
 from gateway.identity import Identity
-from gateway.publishers import Publisher, Publishers, fold, normalize_project, under_namespaces
+from gateway.publishers import Publisher, Publishers, fold, normalize_project, same_folded, under_namespaces
 from gateway.testing import TestIssuer
 from tests.conftest import PUBLISHER, description, error_code, gitlab_issuer
 
@@ -77,6 +77,14 @@ def test_normalize_project_follows_pep_503(name: str, normalized: str) -> None:
 def test_fold_lowercases_ascii_and_refuses_the_rest(path: str, folded: str | None) -> None:
     """fold lower-cases ASCII paths and returns None for any non-ASCII path, so it can never collide."""
     assert fold(path) == folded
+
+
+def test_same_folded_is_fold_equality() -> None:
+    """same_folded(a, b) answers fold(a) == fold(b) for every pair, identical non-ASCII strings included."""
+    paths = ["group/project", "Group/Project", "GROUP/PROJECT", "group/projec\u212a", "group/project2", "", "g"]
+    for a in paths:
+        for b in paths:
+            assert same_folded(a, b) == (fold(a) == fold(b)), (a, b)
 
 
 @pytest.mark.parametrize(

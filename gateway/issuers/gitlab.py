@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import InvalidPublisher, InvalidToken
 from ..identity import Identity
-from ..publishers import Match, fold
+from ..publishers import Match, same_folded
 from ..tables import Table
 from .base import Issuer, Kind, check_claims
 
@@ -81,11 +81,10 @@ def workflow_from(issuer_url: str, claims: Mapping[str, Any], ref_path: str | No
             "include, so it cannot be pinned to a publisher; keep the CI config file in the repository"
         )
     host = _host_path(issuer_url) + "/"
-    if fold(uri[: len(host)]) != fold(host):
+    if not same_folded(uri[: len(host)], host):
         raise InvalidPublisher(f"ci_config_ref_uri does not point into this GitLab instance ({host.rstrip('/')})")
     project, sep, rest = uri[len(host) :].partition("//")
-    folded = fold(project)
-    if not sep or folded is None or folded != fold(project_path):
+    if not sep or not project.isascii() or not same_folded(project, project_path):
         raise InvalidPublisher(
             f"ci_config_ref_uri names CI config of project {project!r}, not of {project_path!r}: the CI "
             "configuration must live in the publishing repository"
@@ -118,7 +117,7 @@ def identity(issuer: Issuer, claims: Mapping[str, Any]) -> Identity:
     check_claims(claims, REQUIRED, OPTIONAL, NULLABLE)
     project_path = claims["project_path"]
     job_project_path = claims.get("job_project_path")
-    if job_project_path is not None and fold(job_project_path) != fold(project_path):
+    if job_project_path is not None and not same_folded(job_project_path, project_path):
         raise InvalidPublisher(
             f"the job ran in project {job_project_path!r} but the token names {project_path!r} "
             "(a merge-request pipeline from a fork); publishing is refused"
