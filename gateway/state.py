@@ -38,7 +38,7 @@ from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import RedisError
 
-from .publishers import fold
+from .publishers import fold, same_folded
 
 __all__ = [
     "FileState",
@@ -112,7 +112,7 @@ class Revocation:
     def covers(self, issuer_url: str, repository: str, iat: float) -> bool:
         return (
             self.issuer_url == issuer_url
-            and fold(self.repository) == fold(repository)
+            and same_folded(self.repository, repository)
             and (self.since is None or iat >= self.since)
             and (self.until is None or iat <= self.until)
         )

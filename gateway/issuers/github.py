@@ -42,7 +42,7 @@ from typing import Any
 
 from ..errors import InvalidPublisher, InvalidToken
 from ..identity import Identity
-from ..publishers import fold
+from ..publishers import fold, same_folded
 from .base import Issuer, Kind, check_claims
 
 # Identity is built from these; each must be a string. `ref` may be "" (a deployment of a bare sha), never absent.
@@ -104,8 +104,7 @@ def workflow_from(claims: Mapping[str, Any]) -> str:
     workflow_ref: str = claims["workflow_ref"]
     repository: str = claims["repository"]
     head, rest = workflow_ref[: len(repository)], workflow_ref[len(repository) :]
-    folded = fold(head)
-    if folded is None or folded != fold(repository) or not rest.startswith(WORKFLOWS):
+    if not head.isascii() or not same_folded(head, repository) or not rest.startswith(WORKFLOWS):
         raise InvalidPublisher(
             f"workflow_ref {_show(workflow_ref)} does not name a workflow in .github/workflows/ of repository "
             f"{repository!r}: the workflow must live in the publishing repository"
